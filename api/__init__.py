@@ -1,0 +1,1 @@
+"""reclaimd HTTP API: REST and Prometheus metrics over the fleet state."""

@@ -1,0 +1,1 @@
+"""reclaimd: host-side memory reclaim accounting for QEMU/KVM guests."""

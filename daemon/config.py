@@ -1,0 +1,193 @@
+"""Daemon configuration: a TOML file, ``RECLAIMD_*`` environment variables and CLI flags.
+
+Precedence, lowest to highest: defaults, config file, environment, command-line flags.
+Defaults are safe: the API listens on localhost, and balloon changes are refused until a
+token is configured.
+
+Example ``reclaimd.toml``::
+
+    listen = "127.0.0.1:9947"
+    journal = "/var/lib/reclaimd/journal.sqlite3"
+    socket_glob = "/run/qemu/*.qmp"          # connect mode, VMs follow their sockets
+    listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
+
+    [[vm]]
+    name = "web1"
+    address = "unix:/run/qemu/web1.qmp"
+    mode = "connect"                          # or "poll" for a socket another manager uses
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 9947
+AttachMode = Literal["connect", "poll"]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A QMP address: ``unix:/path`` or ``tcp:host:port``."""
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path:
+                raise ConfigError(f"address {text!r}: empty socket path")
+            return cls("unix", path=path)
+        if text.startswith("tcp:"):
+            host, sep, port = text[len("tcp:") :].rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"address {text!r}: expected tcp:HOST:PORT")
+            return cls("tcp", host=host.strip("[]"), port=int(port))
+        raise ConfigError(f"address {text!r}: expected unix:/path or tcp:host:port")
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+    @property
+    def target(self) -> str | tuple[str, int]:
+        """The form ``QMPClient.connect`` takes."""
+        return self.path if self.kind == "unix" else (self.host, self.port)
+
+
+class VMConfig(BaseModel):
+    """One statically configured VM."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    address: str
+    mode: AttachMode = "connect"
+    pid: int | None = Field(default=None, description="QEMU pid, for TCP attach")
+
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        try:
+            Address.parse(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def parse_vm_flag(text: str) -> VMConfig:
+    """Parse ``NAME=ADDRESS`` or ``NAME=poll+ADDRESS`` from ``--vm``."""
+    name, sep, address = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--vm {text!r}: expected NAME=ADDRESS")
+    mode: AttachMode = "connect"
+    if address.startswith("poll+"):
+        mode, address = "poll", address[len("poll+") :]
+    try:
+        return VMConfig(name=name, address=address, mode=mode)
+    except ValueError as exc:
+        raise ConfigError(f"--vm {text!r}: {exc}") from None
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/reclaimd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "reclaimd"
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads at start; see the module docstring for the file format."""
+
+    model_config = SettingsConfigDict(env_prefix="RECLAIMD_", extra="forbid")
+
+    listen: str = Field(
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        description="HOST:PORT of the REST API and /metrics; localhost unless told otherwise",
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token for balloon changes; unset refuses them all"
+    )
+    journal: Path = Field(default_factory=lambda: _default_state_dir() / "journal.sqlite3")
+    journal_max_events: int = Field(default=1_000_000, ge=1000)
+    journal_max_age_days: float = Field(default=30.0, gt=0)
+    vm: list[VMConfig] = Field(default_factory=list)
+    socket_glob: str | None = Field(
+        default=None, description="glob of QMP sockets to attach in connect mode, watched"
+    )
+    socket_glob_mode: AttachMode = "connect"
+    listen_socket: Path | None = Field(
+        default=None, description="Unix socket that QEMUs connect to (listen mode)"
+    )
+    poll_interval: float = Field(default=2.0, ge=0.1, le=3600)
+    stats_interval: int = Field(
+        default=2,
+        ge=0,
+        le=3600,
+        description="guest-stats-polling-interval to set when a VM has 0; 0 leaves VMs alone",
+    )
+    command_timeout: float = Field(default=5.0, gt=0, le=600)
+    connect_timeout: float = Field(default=5.0, gt=0, le=600)
+    backoff_initial: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"listen {value!r}: expected HOST:PORT")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("token must be at least 16 characters (or unset to disable)")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional TOML file, the environment and explicit overrides.
+
+    Raises ConfigError with the reason when the file is unreadable or a value is invalid.
+    """
+    file_values: dict[str, Any] = {}
+    path = config_file or (Path(p) if (p := os.environ.get("RECLAIMD_CONFIG")) else None)
+    if path is not None:
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: {exc}") from None
+    env_values = Settings().model_dump(exclude_unset=True) if _any_env() else {}
+    merged = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        # Explicit values outrank the environment in pydantic-settings, so the merge above decides.
+        return Settings(**merged)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _any_env() -> bool:
+    return any(k.startswith("RECLAIMD_") and k != "RECLAIMD_CONFIG" for k in os.environ)
