@@ -1,0 +1,58 @@
+"""``/api/v1/vms``: the fleet, one VM, and its journal of events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import DaemonDep, VMDep
+from api.schemas import Event, EventPage, Problem, VMDetail, VMList, VMSummary
+
+router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
+NOT_FOUND = {404: {"model": Problem, "description": "no VM of that name"}}
+
+
+@router.get("", response_model=VMList)
+async def list_vms(daemon: DaemonDep) -> VMList:
+    return VMList(vms=[VMSummary.from_state(vm) for vm in daemon.fleet])
+
+
+@router.get("/{name}", response_model=VMDetail, responses=NOT_FOUND)
+async def get_vm(vm: VMDep) -> VMDetail:
+    return VMDetail.from_state(vm)
+
+
+@router.get("/{name}/events", response_model=EventPage, responses=NOT_FOUND)
+async def list_events(
+    vm: VMDep,
+    daemon: DaemonDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    since: Annotated[
+        float | None, Query(ge=0, description="only entries recorded at/after")
+    ] = None,
+    before_id: Annotated[int | None, Query(ge=1, description="paging cursor")] = None,
+) -> EventPage:
+    journal = daemon.journal
+    entries = (
+        journal.entries(vm.name, since=since, before_id=before_id, limit=limit + 1)
+        if journal is not None
+        else []
+    )
+    more = len(entries) > limit
+    entries = entries[:limit]
+    return EventPage(
+        vm=vm.name,
+        events=[
+            Event(
+                id=e.id,
+                kind=e.kind,
+                name=e.name,
+                data=dict(e.data),
+                qemu_time=e.qemu_time,
+                recorded_at=e.recorded_at,
+            )
+            for e in entries
+        ],
+        next_before_id=entries[-1].id if more and entries else None,
+    )

@@ -1,0 +1,231 @@
+"""Response and request models of the REST API (JSON, versioned under /api/v1).
+
+Byte quantities are integers in bytes, times are seconds since the epoch, ages are seconds.
+A value that is unknown is ``null``, and where it matters a ``*_problem`` field says why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.guest_stats import GuestStats
+from pydantic import BaseModel, Field
+
+from daemon.fleet import VMState
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok when the daemon runs")
+    version: str
+    vms: int = Field(description="VMs known")
+    vms_up: int = Field(description="VMs whose QMP session is up")
+
+
+class Balloon(BaseModel):
+    present: bool
+    qom_path: str | None
+    device_type: str | None
+    actual_bytes: int | None = Field(description="memory the guest has now (RAM minus balloon)")
+    target_bytes: int | None = Field(
+        description="last target set through reclaimd; null if unknown"
+    )
+    free_page_reporting: bool | None
+    free_page_hint: bool | None
+    deflate_on_oom: bool | None
+    stats_polling_interval: int | None
+    problem: str | None
+
+
+class Memory(BaseModel):
+    ram_bytes: int | None = Field(description="base plus plugged memory")
+    base_bytes: int | None
+    plugged_bytes: int | None
+    devices: list[dict[str, Any]]
+    memdevs: list[dict[str, Any]]
+
+
+class Stats(BaseModel):
+    """Guest statistics from the virtio-balloon driver: untrusted, checked before serving."""
+
+    valid: bool = Field(description="false when the values were impossible and are withheld")
+    problems: list[str]
+    last_update: float | None
+    age_seconds: float | None
+    free_bytes: int | None
+    total_bytes: int | None
+    available_bytes: int | None
+    disk_caches_bytes: int | None
+    swap_in_bytes: int | None
+    swap_out_bytes: int | None
+    major_faults: int | None
+    minor_faults: int | None
+    hugetlb_allocations: int | None
+    hugetlb_failures: int | None
+    oom_kills: int | None
+    alloc_stalls: int | None
+    async_scans: int | None
+    direct_scans: int | None
+    async_reclaims: int | None
+    direct_reclaims: int | None
+
+    @classmethod
+    def from_stats(cls, stats: GuestStats, now: float) -> Stats:
+        values = {name: getattr(stats, name) for name in _STAT_FIELDS}
+        if not stats.valid:
+            values = dict.fromkeys(_STAT_FIELDS)  # never serve numbers we rejected
+        return cls(
+            valid=stats.valid,
+            problems=list(stats.problems),
+            last_update=stats.last_update,
+            age_seconds=stats.age(now),
+            **values,
+        )
+
+
+_STAT_FIELDS = (
+    "free_bytes",
+    "total_bytes",
+    "available_bytes",
+    "disk_caches_bytes",
+    "swap_in_bytes",
+    "swap_out_bytes",
+    "major_faults",
+    "minor_faults",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kills",
+    "alloc_stalls",
+    "async_scans",
+    "direct_scans",
+    "async_reclaims",
+    "direct_reclaims",
+)
+
+
+class VMSummary(BaseModel):
+    name: str
+    up: bool
+    attach: str = Field(description="connect, poll or listen")
+    session_state: str
+    last_error: str | None
+    qemu_version: str | None
+    status: str | None
+    ram_bytes: int | None
+    balloon_actual_bytes: int | None
+    guest_free_bytes: int | None
+    guest_available_bytes: int | None
+    stats_age_seconds: float | None
+
+    @classmethod
+    def from_state(cls, vm: VMState, now: float | None = None) -> VMSummary:
+        now = time.time() if now is None else now
+        stats = vm.guest_stats if vm.guest_stats is not None and vm.guest_stats.valid else None
+        return cls(
+            name=vm.name,
+            up=vm.up,
+            attach=vm.attach,
+            session_state=vm.session_state,
+            last_error=vm.last_error,
+            qemu_version=vm.qemu_version,
+            status=vm.status,
+            ram_bytes=vm.memory.ram_bytes,
+            balloon_actual_bytes=vm.balloon.actual_bytes,
+            guest_free_bytes=stats.free_bytes if stats else None,
+            guest_available_bytes=stats.available_bytes if stats else None,
+            stats_age_seconds=stats.age(now) if stats else None,
+        )
+
+
+class VMDetail(VMSummary):
+    address: str
+    state_since: float
+    attached_at: float | None
+    last_poll: float | None
+    reconnects: int
+    pid: int | None
+    qemu_package: str | None
+    qemu_name: str | None
+    uuid: str | None
+    running: bool | None
+    memory: Memory
+    balloon: Balloon
+    guest_stats: Stats | None
+    guest_stats_problem: str | None
+    event_counts: dict[str, int]
+    last_event: str | None
+    events_dropped: int
+    host: dict[str, Any] | None = Field(
+        default=None, description="host view of guest RAM (residency), when available"
+    )
+    estimate: dict[str, Any] | None = Field(
+        default=None, description="the reclaim estimate, when available"
+    )
+
+    @classmethod
+    def from_state(cls, vm: VMState, now: float | None = None) -> VMDetail:
+        now = time.time() if now is None else now
+        summary = VMSummary.from_state(vm, now).model_dump()
+        return cls(
+            **summary,
+            address=vm.address,
+            state_since=vm.state_since,
+            attached_at=vm.attached_at,
+            last_poll=vm.last_poll,
+            reconnects=vm.reconnects,
+            pid=vm.pid,
+            qemu_package=vm.qemu_package,
+            qemu_name=vm.qemu_name,
+            uuid=vm.uuid,
+            running=vm.running,
+            memory=Memory(
+                ram_bytes=vm.memory.ram_bytes,
+                base_bytes=vm.memory.base_bytes,
+                plugged_bytes=vm.memory.plugged_bytes,
+                devices=vm.memory.devices,
+                memdevs=vm.memory.memdevs,
+            ),
+            balloon=Balloon(**vars(vm.balloon)),
+            guest_stats=Stats.from_stats(vm.guest_stats, now) if vm.guest_stats else None,
+            guest_stats_problem=vm.guest_stats_error,
+            event_counts=dict(vm.event_counts),
+            last_event=vm.last_event,
+            events_dropped=vm.events_dropped,
+            host=vm.extras.get("host"),
+            estimate=vm.extras.get("estimate"),
+        )
+
+
+class VMList(BaseModel):
+    vms: list[VMSummary]
+
+
+class Event(BaseModel):
+    id: int
+    kind: str = Field(description="event (from QEMU), attach, detach, request or error")
+    name: str
+    data: dict[str, Any]
+    qemu_time: float | None = Field(description="QEMU's timestamp of the event")
+    recorded_at: float
+
+
+class EventPage(BaseModel):
+    vm: str
+    events: list[Event] = Field(description="newest first")
+    next_before_id: int | None = Field(
+        description="pass as before_id for the next (older) page; null at the end"
+    )
+
+
+class BalloonRequest(BaseModel):
+    target_bytes: int = Field(gt=0, description="memory the guest should have after the change")
+
+
+class BalloonAccepted(BaseModel):
+    vm: str
+    target_bytes: int
+    actual_bytes: int | None = Field(description="the balloon's size when the request was sent")
+
+
+class Problem(BaseModel):
+    detail: str

@@ -1,0 +1,149 @@
+"""The ``reclaimd`` command: serve, vms, demo, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.config import DEFAULT_PORT, ConfigError, load_settings, parse_vm_flag
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        vms = [parse_vm_flag(text) for text in args.vm]
+        settings = load_settings(
+            args.config,
+            listen=args.listen,
+            journal=args.journal,
+            socket_glob=args.socket_glob,
+            listen_socket=args.listen_socket,
+        )
+        if vms:
+            settings = settings.model_copy(update={"vm": [*settings.vm, *vms]})
+    except ConfigError as exc:
+        print(f"reclaimd: {exc}", file=sys.stderr)
+        return 2
+    from api.server import run  # the HTTP stack loads only for serving
+
+    if settings.listen_host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("reclaimd").warning(
+            "listening on %s: the API is reachable beyond this host", settings.listen
+        )
+    return run(settings)
+
+
+def _fmt_bytes(value: Any) -> str:
+    if not isinstance(value, int):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024  # type: ignore[assignment]
+    return "-"
+
+
+def _vms(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/api/v1/vms"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as reply:
+            body = json.load(reply)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"reclaimd vms: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    rows = [("VM", "UP", "MODE", "STATE", "RAM", "BALLOON", "FREE", "AVAILABLE", "STATS AGE")]
+    for vm in body.get("vms", []):
+        age = vm.get("stats_age_seconds")
+        rows.append(
+            (
+                str(vm.get("name")),
+                "yes" if vm.get("up") else "no",
+                str(vm.get("attach")),
+                str(vm.get("session_state")),
+                _fmt_bytes(vm.get("ram_bytes")),
+                _fmt_bytes(vm.get("balloon_actual_bytes")),
+                _fmt_bytes(vm.get("guest_free_bytes")),
+                _fmt_bytes(vm.get("guest_available_bytes")),
+                f"{age:.0f} s" if isinstance(age, int | float) else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if len(rows) == 1:
+        print("(no VMs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reclaimd",
+        description="How much memory QEMU/KVM guests use, what the host got back, and what more "
+        "it could get back.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="attach to VMs and serve REST and /metrics")
+    serve.add_argument("--config", type=Path, help="TOML config file (also RECLAIMD_CONFIG)")
+    serve.add_argument(
+        "--vm",
+        action="append",
+        default=[],
+        metavar="NAME=ADDRESS",
+        help="a VM's QMP socket: unix:/path or tcp:host:port; prefix poll+ for a socket "
+        "another manager uses (repeatable)",
+    )
+    serve.add_argument("--listen", help=f"HOST:PORT for the API (default 127.0.0.1:{DEFAULT_PORT})")
+    serve.add_argument("--journal", type=Path, help="SQLite event journal path")
+    serve.add_argument("--socket-glob", help="watched glob of QMP sockets (connect mode)")
+    serve.add_argument("--listen-socket", type=Path, help="Unix socket QEMUs connect to")
+    serve.set_defaults(func=_serve)
+
+    vms = sub.add_parser("vms", help="table of VMs from a running reclaimd")
+    vms.add_argument(
+        "--url",
+        default=os.environ.get("RECLAIMD_URL", f"http://127.0.0.1:{DEFAULT_PORT}"),
+        help="reclaimd's base URL (also RECLAIMD_URL)",
+    )
+    vms.add_argument("--json", action="store_true", help="raw JSON")
+    vms.add_argument("--timeout", type=float, default=5.0)
+    vms.set_defaults(func=_vms)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import importlib
+    import importlib.util
+
+    for module in ("daemon.demo", "daemon.model.cli"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # qemu.qmp logs every failed connection at ERROR; sessions record causes themselves.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The in-memory state of every VM: the one thing the API reads.
+
+Sessions write here as QMP events and polls arrive; ``api`` reads it to answer REST requests and
+to build metric families at scrape time. Everything runs on one asyncio event loop, so a reader
+always sees a consistent VM record without locks. A VM record is never reused across removals:
+a vanished VM vanishes from the API and from ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from daemon.guest_stats import GuestStats
+
+AttachKind = Literal["connect", "poll", "listen"]
+
+
+class SessionState:
+    """Names of the states a VM's session goes through (see ``daemon.qmp.session``)."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    ATTACHING = "attaching"
+    RUNNING = "running"
+    DISCONNECTED = "disconnected"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+@dataclass
+class BalloonState:
+    """What QMP tells about the VM's virtio-balloon device."""
+
+    present: bool = False
+    qom_path: str | None = None
+    device_type: str | None = None
+    actual_bytes: int | None = None
+    target_bytes: int | None = None  # only known when reclaimd set it: QEMU has no query for it
+    free_page_reporting: bool | None = None
+    free_page_hint: bool | None = None
+    deflate_on_oom: bool | None = None
+    stats_polling_interval: int | None = None
+    problem: str | None = None  # why a field above is unknown, e.g. "no balloon device"
+
+
+@dataclass
+class MemoryLayout:
+    """RAM as QEMU describes it at attach (and after MEMORY_DEVICE_SIZE_CHANGE)."""
+
+    base_bytes: int | None = None
+    plugged_bytes: int | None = None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    memdevs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ram_bytes(self) -> int | None:
+        if self.base_bytes is None:
+            return None
+        return self.base_bytes + (self.plugged_bytes or 0)
+
+
+@dataclass
+class VMState:
+    """The latest known state of one VM."""
+
+    name: str
+    address: str
+    attach: AttachKind
+    session_state: str = SessionState.IDLE
+    up: bool = False
+    state_since: float = field(default_factory=time.time)
+    last_error: str | None = None
+    attached_at: float | None = None
+    last_poll: float | None = None
+    reconnects: int = 0
+    pid: int | None = None
+    qemu_version: str | None = None
+    qemu_package: str | None = None
+    qemu_name: str | None = None
+    uuid: str | None = None
+    status: str | None = None
+    running: bool | None = None
+    memory: MemoryLayout = field(default_factory=MemoryLayout)
+    balloon: BalloonState = field(default_factory=BalloonState)
+    guest_stats: GuestStats | None = None
+    guest_stats_error: str | None = None
+    event_counts: dict[str, int] = field(default_factory=dict)
+    last_event: str | None = None
+    last_event_time: float | None = None
+    events_dropped: int = 0
+    # Filled by the host view, ledger and estimate as they land (see daemon.ledger).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def set_session_state(self, state: str, error: str | None = None) -> None:
+        if state != self.session_state:
+            self.session_state = state
+            self.state_since = time.time()
+        self.up = state == SessionState.RUNNING
+        if error is not None:
+            self.last_error = error
+
+    def mark_down(self, error: str | None) -> None:
+        """The monitor is gone: what we knew stays readable but the VM is not up."""
+        self.set_session_state(SessionState.DISCONNECTED, error)
+        self.up = False
+
+
+class Fleet:
+    """All VMs known to the daemon, by name."""
+
+    def __init__(self) -> None:
+        self._vms: dict[str, VMState] = {}
+
+    def add(self, name: str, address: str, attach: AttachKind) -> VMState:
+        """Register a VM, or return the existing record when the same VM re-registers."""
+        vm = self._vms.get(name)
+        if vm is None or vm.attach != attach or vm.address != address:
+            vm = VMState(name=name, address=address, attach=attach)
+            self._vms[name] = vm
+        return vm
+
+    def remove(self, name: str) -> None:
+        self._vms.pop(name, None)
+
+    def get(self, name: str) -> VMState | None:
+        return self._vms.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._vms
+
+    def __iter__(self) -> Iterator[VMState]:
+        return iter(sorted(self._vms.values(), key=lambda vm: vm.name))
+
+    def __len__(self) -> int:
+        return len(self._vms)

@@ -1,0 +1,37 @@
+"""The daemon's own instrumentation: counters and histograms of its work.
+
+VM data is never kept here: it is built from the fleet at scrape time (``api.metrics``). These
+instruments live in their own registry so tests and embedders get exactly the daemon's series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+QMP_COMMANDS = Counter(
+    "reclaimd_qmp_commands",
+    "QMP commands issued, by command and outcome (ok, error, timeout, disconnected)",
+    ["command", "outcome"],
+    registry=REGISTRY,
+)
+QMP_COMMAND_SECONDS = Histogram(
+    "reclaimd_qmp_command_duration_seconds",
+    "Round-trip time of QMP commands",
+    ["command"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+QMP_RECONNECTS = Counter(
+    "reclaimd_qmp_reconnects",
+    "Times a VM's QMP session was re-established after a loss",
+    ["vm"],
+    registry=REGISTRY,
+)
+RESIDENCY_SCAN_SECONDS = Histogram(
+    "reclaimd_residency_scan_seconds",
+    "Duration of one host residency scan of a VM's guest RAM",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)

@@ -1,0 +1,178 @@
+"""What reclaimd reads from a VM over QMP: at attach, after memory events, and every poll.
+
+Every function takes a connected ``QMPConnection`` and writes what it learns into a ``VMState``.
+Replies are checked for shape: a QEMU that answers nonsense gets a recorded problem, not a crash.
+A command that a QEMU lacks (``CommandNotFound``) leaves its fields unknown with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.fleet import VMState
+from daemon.guest_stats import parse_guest_stats
+from daemon.qmp.connection import QMPConnection
+from daemon.qmp.errors import CommandFailed
+
+# QOM types of virtio-balloon front ends; the device path depends on its id (or lack of one).
+BALLOON_TYPES = frozenset(
+    {
+        "virtio-balloon-pci",
+        "virtio-balloon-pci-transitional",
+        "virtio-balloon-pci-non-transitional",
+        "virtio-balloon-ccw",
+        "virtio-balloon-device",
+    }
+)
+BALLOON_PARENTS = ("/machine/peripheral", "/machine/peripheral-anon")
+
+
+class BadReply(ValueError):
+    """QEMU answered with a reply of the wrong shape."""
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadReply(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadReply(f"{what}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+async def read_identity(conn: QMPConnection, vm: VMState) -> None:
+    """Version (from the greeting), name, uuid and run state."""
+    vm.qemu_version, vm.qemu_package = conn.qemu_version
+    vm.pid = conn.peer_pid if conn.peer_pid is not None else vm.pid
+    name = _dict(await conn.execute("query-name"), "query-name")
+    vm.qemu_name = name.get("name") if isinstance(name.get("name"), str) else None
+    uuid = _dict(await conn.execute("query-uuid"), "query-uuid")
+    vm.uuid = uuid.get("UUID") if isinstance(uuid.get("UUID"), str) else None
+    await read_status(conn, vm)
+
+
+async def read_status(conn: QMPConnection, vm: VMState) -> None:
+    status = _dict(await conn.execute("query-status"), "query-status")
+    vm.status = str(status.get("status", "unknown"))
+    vm.running = bool(status.get("running", False))
+
+
+async def read_memory(conn: QMPConnection, vm: VMState) -> None:
+    """RAM size, memory devices (DIMMs, virtio-mem) and memory backends."""
+    summary = _dict(await conn.execute("query-memory-size-summary"), "query-memory-size-summary")
+    vm.memory.base_bytes = _int(summary.get("base-memory"), "base-memory")
+    plugged = summary.get("plugged-memory")
+    vm.memory.plugged_bytes = _int(plugged, "plugged-memory") if plugged is not None else None
+    for command, attr in (("query-memory-devices", "devices"), ("query-memdev", "memdevs")):
+        try:
+            reply = await conn.execute(command)
+        except CommandFailed:
+            reply = []
+        setattr(
+            vm.memory,
+            attr,
+            [d for d in reply if isinstance(d, dict)] if isinstance(reply, list) else [],
+        )
+
+
+async def find_balloon(conn: QMPConnection) -> tuple[str, str] | None:
+    """(QOM path, type) of the first virtio-balloon device, found by type, not by assumed id."""
+    for parent in BALLOON_PARENTS:
+        try:
+            entries = await conn.execute("qom-list", {"path": parent})
+        except CommandFailed:
+            continue
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            kind = str(entry.get("type", ""))
+            if kind.startswith("child<") and kind[6:-1] in BALLOON_TYPES:
+                return f"{parent}/{entry.get('name')}", kind[6:-1]
+    return None
+
+
+async def read_balloon(conn: QMPConnection, vm: VMState, *, stats_interval: int) -> None:
+    """Locate the balloon, read its properties, and turn on stats polling if asked to."""
+    balloon = vm.balloon
+    found = await find_balloon(conn)
+    if found is None:
+        balloon.present = False
+        balloon.problem = "no virtio-balloon device"
+        return
+    balloon.present = True
+    balloon.problem = None
+    balloon.qom_path, balloon.device_type = found
+    for prop in ("free-page-reporting", "free-page-hint", "deflate-on-oom"):
+        try:
+            value = await conn.execute("qom-get", {"path": balloon.qom_path, "property": prop})
+        except CommandFailed:
+            value = None  # older QEMUs lack some of these properties
+        setattr(balloon, prop.replace("-", "_"), value if isinstance(value, bool) else None)
+    interval = await conn.execute(
+        "qom-get", {"path": balloon.qom_path, "property": "guest-stats-polling-interval"}
+    )
+    balloon.stats_polling_interval = _int(interval, "guest-stats-polling-interval")
+    if balloon.stats_polling_interval == 0 and stats_interval > 0:
+        await conn.execute(
+            "qom-set",
+            {
+                "path": balloon.qom_path,
+                "property": "guest-stats-polling-interval",
+                "value": stats_interval,
+            },
+        )
+        balloon.stats_polling_interval = stats_interval
+    await read_balloon_actual(conn, vm)
+
+
+async def read_balloon_actual(conn: QMPConnection, vm: VMState) -> None:
+    """``query-balloon``; fails with DeviceNotActive when there is no balloon device."""
+    if not vm.balloon.present:
+        return
+    try:
+        reply = _dict(await conn.execute("query-balloon"), "query-balloon")
+    except CommandFailed as exc:
+        vm.balloon.problem = str(exc)
+        return
+    vm.balloon.actual_bytes = _int(reply.get("actual"), "query-balloon actual")
+
+
+async def read_guest_stats(conn: QMPConnection, vm: VMState) -> None:
+    """``qom-get guest-stats``: untrusted guest data, parsed and checked before it is kept."""
+    if not vm.balloon.present or vm.balloon.qom_path is None:
+        vm.guest_stats_error = vm.balloon.problem or "no virtio-balloon device"
+        return
+    try:
+        reply = await conn.execute(
+            "qom-get", {"path": vm.balloon.qom_path, "property": "guest-stats"}
+        )
+    except CommandFailed as exc:
+        vm.guest_stats_error = str(exc)
+        return
+    stats = parse_guest_stats(reply, ram_bytes=vm.memory.ram_bytes, now=time.time())
+    vm.guest_stats = stats
+    if not stats.available:
+        vm.guest_stats_error = "guest has not reported statistics yet (driver not loaded?)"
+    elif not stats.valid:
+        vm.guest_stats_error = "rejected: " + "; ".join(stats.problems)
+    else:
+        vm.guest_stats_error = None
+
+
+async def attach(conn: QMPConnection, vm: VMState, *, stats_interval: int) -> None:
+    """Everything read once when a session (re)attaches."""
+    await read_identity(conn, vm)
+    await read_memory(conn, vm)
+    await read_balloon(conn, vm, stats_interval=stats_interval)
+    await read_guest_stats(conn, vm)
+
+
+async def poll(conn: QMPConnection, vm: VMState) -> None:
+    """Everything read each poll cycle."""
+    await read_balloon_actual(conn, vm)
+    await read_guest_stats(conn, vm)
+    vm.last_poll = time.time()

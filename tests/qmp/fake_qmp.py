@@ -1,0 +1,246 @@
+"""A small QMP server on a Unix socket for tests of the transport seam, misbehaviour included.
+
+It answers like QEMU 7.2 with a balloon device (replies as captured from QEMU), and can be told
+to misbehave the ways real monitors do: never greet, never answer, send malformed JSON, send an
+endless line, or hang up in the middle of a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SENTINEL = 2**64 - 1
+MiB = 1024 * 1024
+
+
+@dataclass
+class FakeVM:
+    name: str = "fake"
+    uuid: str = "5f1d9f5c-1111-4222-8333-444455556666"
+    ram: int = 512 * MiB
+    actual: int = 512 * MiB
+    balloon_id: str | None = "balloon0"  # None: the device has no id (peripheral-anon)
+    polling_interval: int = 0
+    stats_updated: bool = True
+    free: int = 300 * MiB
+    total: int = 490 * MiB
+    available: int = 350 * MiB
+    caches: int = 20 * MiB
+    stats_time: int = 0  # 0: now
+    reporting: bool = True
+
+
+@dataclass
+class Behaviour:
+    greet: bool = True
+    answer: bool = True  # False: accept commands and never reply (a hung monitor)
+    garbage_after: str | None = None  # command after which the server sends malformed JSON
+    huge_line_after: str | None = None  # command answered with a 10 MiB line
+    hangup_on: str | None = None  # command that makes the server hang up without replying
+    balloon_step: int = 0  # bytes per BALLOON_CHANGE event when converging; 0 = at once
+
+
+@dataclass
+class FakeQMPServer:
+    path: Path
+    vm: FakeVM = field(default_factory=FakeVM)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    commands: list[str] = field(default_factory=list)
+    connections: int = 0
+    _server: asyncio.AbstractServer | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> FakeQMPServer:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def drop_clients(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+
+    async def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        for writer in list(self._writers):
+            _send(writer, _event(event, data))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self._conversation(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            writer.close()
+
+    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.behaviour.greet:
+            await reader.read()  # accept and say nothing until the peer gives up
+            return
+        greeting = {
+            "QMP": {
+                "version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "fake"},
+                "capabilities": ["oob"],
+            }
+        }
+        _send(writer, greeting)
+        await writer.drain()
+        while line := await reader.readline():
+            msg = json.loads(line)
+            name = msg.get("execute")
+            self.commands.append(name)
+            if name == self.behaviour.hangup_on:
+                return
+            if not self.behaviour.answer and name != "qmp_capabilities":
+                continue
+            if name == self.behaviour.huge_line_after:
+                writer.write(b'{"return": "' + b"x" * (10 * MiB) + b'"}\r\n')
+                await writer.drain()
+                continue
+            reply = self._reply(name, msg.get("arguments") or {})
+            if "id" in msg:
+                reply["id"] = msg["id"]
+            _send(writer, reply)
+            if name == self.behaviour.garbage_after:
+                writer.write(b'{"return": {]]] not json\r\n')
+            await writer.drain()
+            if name == "balloon":
+                await self._converge(writer, int(msg["arguments"]["value"]))
+
+    async def _converge(self, writer: asyncio.StreamWriter, target: int) -> None:
+        step = self.behaviour.balloon_step or abs(target - self.vm.actual) or 1
+        while self.vm.actual != target:
+            delta = min(step, abs(target - self.vm.actual))
+            self.vm.actual += delta if target > self.vm.actual else -delta
+            _send(writer, _event("BALLOON_CHANGE", {"actual": self.vm.actual}))
+            await writer.drain()
+
+    def _reply(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm
+        balloon_parent = "/machine/peripheral" if vm.balloon_id else "/machine/peripheral-anon"
+        balloon_name = vm.balloon_id or "device[0]"
+        balloon_path = f"{balloon_parent}/{balloon_name}"
+        if name == "qmp_capabilities":
+            return {"return": {}}
+        if name == "query-name":
+            return {"return": {"name": vm.name}}
+        if name == "query-uuid":
+            return {"return": {"UUID": vm.uuid}}
+        if name == "query-status":
+            return {"return": {"status": "running", "singlestep": False, "running": True}}
+        if name == "query-memory-size-summary":
+            return {"return": {"base-memory": vm.ram, "plugged-memory": 0}}
+        if name in ("query-memory-devices", "query-memdev"):
+            return {"return": []}
+        if name == "query-balloon":
+            return {"return": {"actual": vm.actual}}
+        if name == "balloon":
+            return {"return": {}}
+        if name == "qom-list":
+            if args.get("path") == balloon_parent:
+                return {
+                    "return": [
+                        {"name": "type", "type": "string"},
+                        {"name": balloon_name, "type": "child<virtio-balloon-pci>"},
+                    ]
+                }
+            return {"return": [{"name": "type", "type": "string"}]}
+        if name in ("qom-get", "qom-set") and args.get("path") == balloon_path:
+            return self._qom(name, args)
+        if name in ("qom-get", "qom-set"):
+            return _error("DeviceNotFound", f"Device '{args.get('path')}' not found")
+        return _error("CommandNotFound", f"The command {name} has not been found")
+
+    def _qom(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vm
+        prop = args.get("property")
+        if name == "qom-set" and prop == "guest-stats-polling-interval":
+            vm.polling_interval = int(args["value"])
+            return {"return": {}}
+        if prop == "guest-stats-polling-interval":
+            return {"return": vm.polling_interval}
+        if prop == "free-page-reporting":
+            return {"return": vm.reporting}
+        if prop in ("free-page-hint", "deflate-on-oom"):
+            return {"return": False}
+        if prop == "guest-stats":
+            if not vm.stats_updated:
+                return {
+                    "return": {
+                        "stats": dict.fromkeys(_STAT_NAMES, SENTINEL),
+                        "last-update": 0,
+                    }
+                }
+            values = dict.fromkeys(_STAT_NAMES, 0)
+            values.update(
+                {
+                    "stat-free-memory": vm.free,
+                    "stat-total-memory": vm.total,
+                    "stat-available-memory": vm.available,
+                    "stat-disk-caches": vm.caches,
+                    "stat-htlb-pgalloc": SENTINEL,
+                    "stat-htlb-pgfail": SENTINEL,
+                }
+            )
+            return {"return": {"stats": values, "last-update": vm.stats_time or int(time.time())}}
+        return _error("GenericError", f"Property '{prop}' not found")
+
+
+_STAT_NAMES = (
+    "stat-swap-in",
+    "stat-swap-out",
+    "stat-major-faults",
+    "stat-minor-faults",
+    "stat-free-memory",
+    "stat-total-memory",
+    "stat-available-memory",
+    "stat-disk-caches",
+    "stat-htlb-pgalloc",
+    "stat-htlb-pgfail",
+)
+
+
+def _error(cls: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": cls, "desc": desc}}
+
+
+def _event(name: str, data: dict[str, Any] | None) -> dict[str, Any]:
+    now = time.time()
+    msg: dict[str, Any] = {
+        "event": name,
+        "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+    }
+    if data is not None:
+        msg["data"] = data
+    return msg
+
+
+def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    writer.write(json.dumps(msg).encode() + b"\r\n")

@@ -1,0 +1,163 @@
+"""Sessions: the supervised life of a VM's monitor connection, at the socket seam."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemon.config import Address, Settings
+from daemon.fleet import Fleet, SessionState
+from daemon.journal import Journal
+from daemon.qmp.session import PollSession, Session, backoff_delay
+from tests.qmp.fake_qmp import Behaviour, FakeVM
+
+S = SessionState
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def start_session(settings: Settings, server: Any, name: str = "vm1") -> tuple[Session, Any]:
+    fleet = Fleet()
+    journal = Journal(settings.journal)
+    vm = fleet.add(name, f"unix:{server.path}", "connect")
+    session = Session(vm, settings, journal, address=Address("unix", path=str(server.path)))
+    return session, asyncio.create_task(session.run())
+
+
+async def stop(task: "asyncio.Task[None]") -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_attach_reads_everything_and_sets_stats_polling(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp(vm=FakeVM(name="vm1", balloon_id=None))  # balloon without an id
+    session, task = start_session(settings, server)
+    vm = session.vm
+    await eventually(lambda: vm.up and vm.guest_stats is not None)
+    assert vm.qemu_version == "7.2.22"
+    assert vm.uuid == server.vm.uuid
+    assert vm.memory.ram_bytes == 512 * 1024 * 1024
+    assert vm.balloon.qom_path == "/machine/peripheral-anon/device[0]"
+    assert vm.balloon.free_page_reporting is True
+    assert server.vm.polling_interval == settings.stats_interval  # was 0, reclaimd set it
+    assert vm.guest_stats is not None and vm.guest_stats.free_bytes == server.vm.free
+    await stop(task)
+
+
+async def test_state_sequence_across_a_loss_and_reconnect(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp()
+    session, task = start_session(settings, server)
+    await eventually(lambda: session.vm.up)
+    server.drop_clients()
+    await eventually(lambda: session.vm.reconnects == 1 and session.vm.up)
+    await stop(task)
+    assert list(session.transitions) == [
+        S.IDLE,
+        S.CONNECTING,
+        S.ATTACHING,
+        S.RUNNING,
+        S.DISCONNECTED,
+        S.BACKOFF,
+        S.CONNECTING,
+        S.ATTACHING,
+        S.RUNNING,
+        S.DISCONNECTED,
+        S.STOPPED,
+    ]
+    entries = session.journal.entries("vm1", limit=10)
+    assert [e.name for e in reversed(entries)] == ["attach", "detach", "attach", "detach"]
+    assert entries[-2].data["cause"] == "connection closed by peer"
+
+
+async def test_dead_socket_backs_off_and_records_cause(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp()
+    await server.stop()  # the socket file is gone: QEMU died
+    session, task = start_session(settings, server)
+    await eventually(lambda: session.transitions.count(S.CONNECTING) >= 3)
+    assert not session.vm.up
+    assert "No such file" in (session.vm.last_error or "")
+    await stop(task)
+
+
+async def test_events_update_state_and_journal(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp()
+    session, task = start_session(settings, server)
+    vm = session.vm
+    await eventually(lambda: vm.up)
+    await server.emit("BALLOON_CHANGE", {"actual": 300 * 1024 * 1024})
+    await server.emit("STOP")
+    await eventually(lambda: vm.event_counts.get("STOP") == 1)
+    assert vm.balloon.actual_bytes == 300 * 1024 * 1024 or server.vm.actual == vm.balloon.actual_bytes
+    assert vm.running is False or vm.status == "running"  # STOP applied, then re-queried
+    names = [e.name for e in session.journal.entries("vm1", kinds=["event"])]
+    assert names == ["STOP", "BALLOON_CHANGE"]
+    await stop(task)
+
+
+async def test_hung_monitor_is_dropped_and_others_keep_polling(
+    settings: Settings, fake_qmp: Any
+) -> None:
+    hung = await fake_qmp("hung", behaviour=Behaviour(answer=False))
+    healthy = await fake_qmp("ok")
+    hung_session, hung_task = start_session(settings, hung, "hung")
+    ok_session, ok_task = start_session(settings, healthy, "ok")
+    await eventually(lambda: ok_session.vm.up and ok_session.vm.last_poll is not None)
+    first_poll = ok_session.vm.last_poll
+    assert first_poll is not None
+    # The hung VM never attaches; its command timeout is the cause, the other VM polls on.
+    await eventually(lambda: "no reply" in (hung_session.vm.last_error or ""), timeout=5)
+    await eventually(lambda: (ok_session.vm.last_poll or 0) > first_poll + 0.3)
+    assert not hung_session.vm.up and ok_session.vm.up
+    await stop(hung_task)
+    await stop(ok_task)
+
+
+async def test_guest_without_balloon_driver(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp(vm=FakeVM(stats_updated=False))
+    session, task = start_session(settings, server)
+    await eventually(lambda: session.vm.up and session.vm.last_poll is not None)
+    assert session.vm.guest_stats is not None and not session.vm.guest_stats.available
+    assert "not reported" in (session.vm.guest_stats_error or "")
+    await stop(task)
+
+
+async def test_impossible_guest_stats_are_flagged(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp(vm=FakeVM(free=900 * 1024 * 1024, total=400 * 1024 * 1024))
+    session, task = start_session(settings, server)
+    await eventually(lambda: session.vm.guest_stats is not None)
+    stats = session.vm.guest_stats
+    assert stats is not None and not stats.valid
+    assert (session.vm.guest_stats_error or "").startswith("rejected")
+    await stop(task)
+
+
+async def test_poll_mode_never_holds_the_socket(settings: Settings, fake_qmp: Any) -> None:
+    server = await fake_qmp()
+    fleet = Fleet()
+    vm = fleet.add("p", f"unix:{server.path}", "poll")
+    session = PollSession(
+        vm, settings, Journal(settings.journal), address=Address("unix", path=str(server.path))
+    )
+    task = asyncio.create_task(session.run())
+    await eventually(lambda: server.connections >= 3)
+    assert vm.up and vm.guest_stats is not None
+    await eventually(lambda: not server._writers)  # between cycles nobody is connected
+    await stop(task)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff_delay(n, 0.5, 30, rng) for n in range(12)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert all(15 <= d <= 30 for d in delays[7:])
+    assert len(set(delays)) == len(delays)
