@@ -47,11 +47,11 @@ def create_app(settings: Settings, daemon: Reclaimd | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
             for e in exc.errors()
         ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"])  # type: ignore[attr-defined]
+        where = ".".join(first["loc"])
         return JSONResponse(
             status_code=422, content={"detail": f"{where}: {first['msg']}", "errors": errors}
         )

@@ -84,8 +84,12 @@ class FleetCollector(Collector):
             "1 when the balloon device offers free page reporting",
         )
         doom = _gauge("qemu_balloon_deflate_on_oom_enabled", "1 when deflate-on-oom is on")
-        stat_gauges = [(_gauge(n, h), f) for n, h, f in _STAT_GAUGES]
-        stat_counters = [(_counter(n, h), f) for n, h, f in _STAT_COUNTERS]
+        stat_gauges: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
+            (_gauge(n, h), f) for n, h, f in _STAT_GAUGES
+        ]
+        stat_counters: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
+            (_counter(n, h), f) for n, h, f in _STAT_COUNTERS
+        ]
         age = _gauge("qemu_guest_stats_age_seconds", "Seconds since the guest last updated stats")
         valid = _gauge(
             "qemu_guest_stats_valid", "1 when guest stats passed checks, 0 when rejected"

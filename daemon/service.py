@@ -107,9 +107,8 @@ class Reclaimd:
 
     # -- VMs -----------------------------------------------------------------------------------
 
-    def _track(self, name: str, address: str, mode: AttachMode | str) -> VMState:
-        attach = mode if mode in ("connect", "poll", "listen") else "connect"
-        vm = self.fleet.add(name, address, attach)  # type: ignore[arg-type]
+    def _track(self, name: str, address: str, mode: AttachMode) -> VMState:
+        vm = self.fleet.add(name, address, mode)
         if not vm.event_counts:
             vm.event_counts = {e: n for (v, e), n in self._event_counts.items() if v == name}
         return vm

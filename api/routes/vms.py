@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -10,7 +10,9 @@ from api.deps import DaemonDep, VMDep
 from api.schemas import Event, EventPage, Problem, VMDetail, VMList, VMSummary
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
-NOT_FOUND = {404: {"model": Problem, "description": "no VM of that name"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "no VM of that name"}
+}
 
 
 @router.get("", response_model=VMList)

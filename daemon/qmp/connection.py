@@ -32,6 +32,7 @@ from daemon.qmp.errors import CommandFailed, CommandTimeout, ConnectFailed, Sess
 
 READ_LIMIT = 1024 * 1024
 EVENT_QUEUE_SIZE = 1024
+MAX_CAUSE = 240
 
 
 class _BoundedClient(QMPClient):
@@ -63,7 +64,11 @@ def describe(exc: BaseException) -> str:
     text = str(root).strip() or type(root).__name__
     if isinstance(root, OSError) and root.strerror:
         text = root.strerror
-    return text if root is exc else f"{exc}: {text}"
+    if root is not exc:
+        text = f"{exc}: {text}"
+    # Parse errors quote the peer's raw bytes, which may be megabytes: keep one short line.
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_CAUSE else text[: MAX_CAUSE - 3] + "..."
 
 
 class QMPConnection:
@@ -93,12 +98,12 @@ class QMPConnection:
     def qemu_version(self) -> tuple[str, str]:
         """(``major.minor.micro``, package) from the greeting."""
         greeting = self._client.greeting
-        if greeting is None:
+        version = greeting.QMP.version if greeting is not None else None
+        qemu = version.get("qemu") if isinstance(version, dict) else None
+        if not isinstance(qemu, dict) or not isinstance(version, dict):
             return ("", "")
-        ver = greeting.QMP.version
-        if ver is None:
-            return ("", "")
-        return (f"{ver.qemu.major}.{ver.qemu.minor}.{ver.qemu.micro}", ver.package)
+        numbers = ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro"))
+        return (numbers, str(version.get("package", "")))
 
     async def connect(self, address: Address, timeout: float) -> None:
         """Connect, read the greeting and negotiate, all within ``timeout`` seconds."""
@@ -183,7 +188,7 @@ async def _open_socket(address: Address) -> socket.socket:
     loop = asyncio.get_running_loop()
     if address.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: str | tuple[str, int] = address.path
+        target: Any = address.path
     else:
         infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
         if not infos:

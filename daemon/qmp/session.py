@@ -37,7 +37,7 @@ PollHook = Callable[[VMState], Awaitable[None]]
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Exponential backoff with jitter: half fixed, half random, so VMs spread out."""
-    ceiling = min(maximum, initial * (2 ** min(attempt, 30)))
+    ceiling = min(maximum, initial * 2.0 ** min(attempt, 30))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class FakeVM:
     caches: int = 20 * MiB
     stats_time: int = 0  # 0: now
     reporting: bool = True
+    running: bool = True
 
 
 @dataclass
@@ -100,7 +102,9 @@ class FakeQMPServer:
             self._tasks.discard(task)  # type: ignore[arg-type]
             writer.close()
 
-    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if not self.behaviour.greet:
             await reader.read()  # accept and say nothing until the peer gives up
             return
@@ -112,8 +116,7 @@ class FakeQMPServer:
         }
         _send(writer, greeting)
         await writer.drain()
-        while line := await reader.readline():
-            msg = json.loads(line)
+        async for msg in _messages(reader):
             name = msg.get("execute")
             self.commands.append(name)
             if name == self.behaviour.hangup_on:
@@ -154,7 +157,8 @@ class FakeQMPServer:
         if name == "query-uuid":
             return {"return": {"UUID": vm.uuid}}
         if name == "query-status":
-            return {"return": {"status": "running", "singlestep": False, "running": True}}
+            status = "running" if vm.running else "paused"
+            return {"return": {"status": status, "singlestep": False, "running": vm.running}}
         if name == "query-memory-size-summary":
             return {"return": {"base-memory": vm.ram, "plugged-memory": 0}}
         if name in ("query-memory-devices", "query-memdev"):
@@ -240,6 +244,21 @@ def _event(name: str, data: dict[str, Any] | None) -> dict[str, Any]:
     if data is not None:
         msg["data"] = data
     return msg
+
+
+async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """Parse the stream of JSON objects a QMP client sends (no newline between them needed)."""
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while chunk := await reader.read(65536):
+        buffer += chunk.decode()
+        while buffer.strip():
+            try:
+                msg, end = decoder.raw_decode(buffer.lstrip())
+            except json.JSONDecodeError:
+                break  # incomplete: wait for more
+            buffer = buffer.lstrip()[end:]
+            yield msg
 
 
 def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:

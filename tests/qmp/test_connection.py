@@ -76,7 +76,7 @@ async def test_malformed_json_ends_the_session_with_its_cause(fake_qmp: Any) -> 
     with pytest.raises(SessionLost):
         await conn.execute("query-status")
     cause = await conn.close()
-    assert cause is not None and "JSON" in cause.upper() or "parse" in (cause or "").lower()
+    assert cause is not None and "deserialize" in cause and len(cause) <= 240
 
 
 async def test_ten_mib_line_is_cut_off(fake_qmp: Any) -> None:
@@ -86,7 +86,8 @@ async def test_ten_mib_line_is_cut_off(fake_qmp: Any) -> None:
     with pytest.raises(SessionLost):
         await conn.execute("query-name")
     assert not conn.connected
-    assert await conn.close() is not None
+    cause = await conn.close()
+    assert cause is not None and len(cause) <= 240
 
 
 async def test_hangup_mid_command(fake_qmp: Any) -> None:

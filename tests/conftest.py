@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings
+from daemon.journal import Journal
 from tests.qmp.fake_qmp import Behaviour, FakeQMPServer, FakeVM
 
 
@@ -29,7 +30,11 @@ def settings(sockdir: Path) -> Settings:
     )
 
 
-FakeFactory = Callable[..., "AsyncIterator[FakeQMPServer]"]
+@pytest.fixture
+def journal(settings: Settings) -> Iterator[Journal]:
+    j = Journal(settings.journal)
+    yield j
+    j.close()
 
 
 @pytest.fixture

@@ -1,0 +1,205 @@
+"""The REST API and /metrics over a daemon attached to fake QMP servers at the socket seam."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from api.app import create_app
+from daemon.config import Address, Settings
+from daemon.service import Reclaimd
+from tests.qmp.fake_qmp import Behaviour, FakeVM
+from tests.qmp.test_session import eventually
+
+TOKEN = "s3cret-token-0123456789"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def daemon(settings: Settings) -> AsyncIterator[Reclaimd]:
+    d = Reclaimd(settings.model_copy(update={"token": SecretStr(TOKEN)}))
+    await d.start()
+    yield d
+    await d.stop()
+
+
+@pytest.fixture
+async def client(daemon: Reclaimd) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(daemon.settings, daemon)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+async def attach(daemon: Reclaimd, server: Any, name: str = "vm1") -> None:
+    vm = daemon.add_vm(name, Address("unix", path=str(server.path)))
+    await eventually(lambda: vm.up and vm.guest_stats is not None)
+
+
+async def test_healthz(client: httpx.AsyncClient) -> None:
+    reply = await client.get("/healthz")
+    assert reply.status_code == 200
+    assert reply.json()["status"] == "ok"
+
+
+async def test_vm_list_and_detail(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    await attach(daemon, server)
+    listing = (await client.get("/api/v1/vms")).json()["vms"]
+    assert [vm["name"] for vm in listing] == ["vm1"]
+    detail = (await client.get("/api/v1/vms/vm1")).json()
+    assert detail["qemu_version"] == "7.2.22"
+    assert detail["memory"]["ram_bytes"] == 512 * MiB
+    assert detail["balloon"]["actual_bytes"] == 512 * MiB
+    assert detail["guest_stats"]["free_bytes"] == server.vm.free
+    assert 0 <= detail["guest_stats"]["age_seconds"] < 5
+
+
+async def test_unknown_vm_is_404_json(client: httpx.AsyncClient) -> None:
+    reply = await client.get("/api/v1/vms/nope")
+    assert reply.status_code == 404
+    assert reply.json() == {"detail": "no VM named 'nope'"}
+    assert (await client.get("/api/v1/vms/nope/events")).status_code == 404
+
+
+async def test_bad_query_is_422(client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any) -> None:
+    await attach(daemon, await fake_qmp())
+    reply = await client.get("/api/v1/vms/vm1/events", params={"limit": 0})
+    assert reply.status_code == 422
+    assert "limit" in reply.json()["detail"]
+
+
+async def test_rejected_stats_are_not_served(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    server = await fake_qmp(vm=FakeVM(free=2000 * MiB, total=400 * MiB))
+    vm = daemon.add_vm("vm1", Address("unix", path=str(server.path)))
+    await eventually(lambda: vm.guest_stats is not None)
+    stats = (await client.get("/api/v1/vms/vm1")).json()["guest_stats"]
+    assert stats["valid"] is False and stats["free_bytes"] is None and stats["problems"]
+    metrics = (await client.get("/metrics")).text
+    assert 'qemu_guest_stats_valid{vm="vm1"} 0.0' in metrics
+    assert "qemu_guest_memory_free_bytes{" not in metrics
+
+
+async def test_balloon_needs_a_configured_token(settings: Settings, fake_qmp: Any) -> None:
+    daemon = Reclaimd(settings)  # no token configured
+    await daemon.start()
+    try:
+        await attach(daemon, await fake_qmp())
+        app = create_app(settings, daemon)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            reply = await c.post(
+                "/api/v1/vms/vm1/balloon",
+                json={"target_bytes": 300 * MiB},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+        assert reply.status_code == 403
+        assert "disabled" in reply.json()["detail"]
+    finally:
+        await daemon.stop()
+
+
+async def test_balloon_token_and_bounds(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    server = await fake_qmp(behaviour=Behaviour(balloon_step=64 * MiB))
+    await attach(daemon, server)
+    url = "/api/v1/vms/vm1/balloon"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.post(url, json={"target_bytes": 300 * MiB})).status_code == 401
+    wrong = {"Authorization": "Bearer wrong-token-0123456789"}
+    assert (
+        await client.post(url, json={"target_bytes": 300 * MiB}, headers=wrong)
+    ).status_code == 401
+    too_big = await client.post(url, json={"target_bytes": 4096 * MiB}, headers=auth)
+    assert too_big.status_code == 422 and "exceeds" in too_big.json()["detail"]
+    assert (await client.post(url, json={"target_bytes": -1}, headers=auth)).status_code == 422
+    assert (await client.post(url, json={"target": "x"}, headers=auth)).status_code == 422
+    assert "balloon" not in server.commands
+
+    ok = await client.post(url, json={"target_bytes": 300 * MiB}, headers=auth)
+    assert ok.status_code == 202
+    await eventually(lambda: daemon.fleet.get("vm1").balloon.actual_bytes == 300 * MiB)  # type: ignore[union-attr]
+    events = (await client.get("/api/v1/vms/vm1/events")).json()["events"]
+    names = [(e["kind"], e["name"]) for e in events]
+    assert ("event", "BALLOON_CHANGE") in names and ("request", "balloon") in names
+    metrics = (await client.get("/metrics")).text
+    assert 'qemu_balloon_target_bytes{vm="vm1"} 3.145728e+08' in metrics
+    assert 'qemu_balloon_actual_bytes{vm="vm1"} 3.145728e+08' in metrics
+    assert 'qemu_events_total{event="BALLOON_CHANGE",vm="vm1"} 4.0' in metrics
+
+
+async def test_events_paging_newest_first(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    await attach(daemon, server)
+    for i in range(5):
+        await server.emit("BALLOON_CHANGE", {"actual": (500 - i) * MiB})
+    vm = daemon.fleet.get("vm1")
+    await eventually(lambda: vm is not None and vm.event_counts.get("BALLOON_CHANGE") == 5)
+    first = (await client.get("/api/v1/vms/vm1/events", params={"limit": 3})).json()
+    ids = [e["id"] for e in first["events"]]
+    assert ids == sorted(ids, reverse=True) and len(ids) == 3
+    rest = (
+        await client.get(
+            "/api/v1/vms/vm1/events", params={"limit": 10, "before_id": first["next_before_id"]}
+        )
+    ).json()
+    assert all(e["id"] < ids[-1] for e in rest["events"])
+    assert rest["next_before_id"] is None
+    total = len(first["events"]) + len(rest["events"])
+    assert total == 6  # attach + 5 events
+    future = (await client.get("/api/v1/vms/vm1/events", params={"since": 4e9})).json()
+    assert future["events"] == []
+
+
+async def test_metrics_follow_the_fleet(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    await attach(daemon, await fake_qmp())
+    text = (await client.get("/metrics")).text
+    assert 'qemu_vm_up{vm="vm1"} 1.0' in text
+    assert (
+        'qemu_vm_info{attach="connect",qemu_version="7.2.22",'
+        'uuid="5f1d9f5c-1111-4222-8333-444455556666",vm="vm1"} 1.0'
+        in text
+    )
+    assert "reclaimd_build_info{" in text
+    assert 'reclaimd_qmp_commands_total{command="query-balloon",outcome="ok"}' in text
+    daemon.remove_vm("vm1")
+    await asyncio.sleep(0)
+    text = (await client.get("/metrics")).text
+    assert 'vm="vm1"' not in text.split("reclaimd_qmp_reconnects")[0]
+
+
+async def test_journal_survives_restart(settings: Settings, fake_qmp: Any, sockdir: Path) -> None:
+    server = await fake_qmp()
+    first = Reclaimd(settings)
+    await first.start()
+    await attach(first, server)
+    await server.emit("RESET")
+    await eventually(lambda: first.fleet.get("vm1").event_counts.get("RESET") == 1)  # type: ignore[union-attr]
+    await first.stop()
+
+    second = Reclaimd(settings)
+    await second.start()
+    try:
+        vm = second.add_vm("vm1", Address("unix", path=str(server.path)))
+        assert vm.event_counts.get("RESET") == 1
+        assert second.journal is not None
+        kinds = [e.name for e in second.journal.entries("vm1")]
+        assert "RESET" in kinds and "attach" in kinds and "detach" in kinds
+    finally:
+        await second.stop()
