@@ -203,3 +203,38 @@ async def test_journal_survives_restart(settings: Settings, fake_qmp: Any, sockd
         assert "RESET" in kinds and "attach" in kinds and "detach" in kinds
     finally:
         await second.stop()
+
+
+async def test_broken_monitors_never_delay_the_api_or_other_vms(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    broken = {
+        "silent": Behaviour(greet=False),
+        "mute": Behaviour(answer=False),
+        "garbage": Behaviour(garbage_after="query-name"),
+        "huge": Behaviour(huge_line_after="query-status"),
+        "hangup": Behaviour(hangup_on="query-memory-size-summary"),
+    }
+    for name, behaviour in broken.items():
+        server = await fake_qmp(name, behaviour=behaviour)
+        daemon.add_vm(name, Address("unix", path=str(server.path)))
+    healthy = await fake_qmp("healthy")
+    await attach(daemon, healthy, "healthy")
+    vm = daemon.fleet.get("healthy")
+    assert vm is not None and vm.last_poll is not None
+    first_poll = vm.last_poll
+    slowest = 0.0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while loop.time() < deadline:
+        started = loop.time()
+        assert (await client.get("/api/v1/vms")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        slowest = max(slowest, loop.time() - started)
+        await asyncio.sleep(0.05)
+    assert slowest < 0.5, f"a request took {slowest:.3f} s"
+    assert vm.up and (vm.last_poll or 0) > first_poll + 1
+    for name in broken:
+        state = daemon.fleet.get(name)
+        assert state is not None and not state.up, name
+        assert state.last_error, name
