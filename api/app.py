@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.metrics import build_registry
-from api.routes import balloon, health, vms
+from api.routes import balloon, health, host, vms
 from api.version import VERSION
 from daemon.config import Settings
 from daemon.service import Reclaimd
@@ -59,4 +59,5 @@ def create_app(settings: Settings, daemon: Reclaimd | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(balloon.router)
+    app.include_router(host.router)
     return app

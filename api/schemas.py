@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from daemon.guest_stats import GuestStats
 from pydantic import BaseModel, Field
 
 from daemon.fleet import VMState
+from daemon.guest_stats import GuestStats
 
 
 class Health(BaseModel):
@@ -229,3 +229,20 @@ class BalloonAccepted(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class ReportedRangeOut(BaseModel):
+    at: float = Field(description="end of the scan that first saw the block absent")
+    block: str = Field(description="QEMU RAM block")
+    offset: int = Field(description="bytes from the start of the RAM block")
+    length: int
+    order: int
+    gpa: int | None = Field(description="guest-physical address, when the memory tree is known")
+    discarded: int = Field(description="bytes of it the host still backed until then")
+
+
+class RangePage(BaseModel):
+    vm: str
+    ranges: list[ReportedRangeOut] = Field(description="newest first")
+    total: int = Field(description="ranges seen since reclaimd attached")
+    problem: str | None

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         le=3600,
         description="guest-stats-polling-interval to set when a VM has 0; 0 leaves VMs alone",
     )
+    scan_budget: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="CPU-seconds per second for host residency scans, shared by all VMs",
+    )
     command_timeout: float = Field(default=5.0, gt=0, le=600)
     connect_timeout: float = Field(default=5.0, gt=0, le=600)
     backoff_initial: float = Field(default=0.5, gt=0)

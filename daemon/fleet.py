@@ -54,6 +54,8 @@ class MemoryLayout:
     plugged_bytes: int | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)
     memdevs: list[dict[str, Any]] = field(default_factory=list)
+    ramblock_text: str | None = None  # x-query-ramblock, for the host view
+    mtree_text: str | None = None  # "info mtree -f", for guest-physical addresses
 
     @property
     def ram_bytes(self) -> int | None:

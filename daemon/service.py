@@ -17,6 +17,8 @@ from typing import Any
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import Fleet, VMState
 from daemon.journal import Journal
+from daemon.ledger.tracker import HostTracker
+from daemon.qmp.connection import QMPConnection
 from daemon.qmp.discovery import SocketWatcher
 from daemon.qmp.errors import QMPSessionError
 from daemon.qmp.listener import Listener
@@ -34,10 +36,11 @@ class UnknownVM(LookupError):
 class Reclaimd:
     """Owns everything that is not HTTP. One instance per process."""
 
-    def __init__(self, settings: Settings, *, on_poll: PollHook | None = None) -> None:
+    def __init__(self, settings: Settings, *, host_view: bool = True) -> None:
         self.settings = settings
         self.fleet = Fleet()
-        self.on_poll = on_poll
+        self.trackers: dict[str, HostTracker] = {}
+        self.on_poll: PollHook | None = self._track_host if host_view else None
         self.journal: Journal | None = None
         self.sessions: dict[str, Session | PollSession] = {}
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
@@ -91,6 +94,9 @@ class Reclaimd:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         self._session_tasks.clear()
+        for tracker in self.trackers.values():
+            tracker.close()
+        self.trackers.clear()
         if self.journal is not None:
             self.journal.close()
             self.journal = None
@@ -138,7 +144,23 @@ class Reclaimd:
         if task is not None:
             task.cancel()
         self.sessions.pop(name, None)
+        tracker = self.trackers.pop(name, None)
+        if tracker is not None:
+            tracker.close()
         self.fleet.remove(name)
+
+    async def _track_host(self, vm: VMState, conn: QMPConnection | None) -> None:
+        tracker = self.trackers.get(vm.name)
+        if tracker is None:
+            tracker = HostTracker(
+                budget=self.settings.scan_budget, interval=min(1.0, self.settings.poll_interval)
+            )
+            self.trackers[vm.name] = tracker
+        # The daemon-wide scan budget is shared by all VMs.
+        tracker.budget = tracker.cadence.budget = self.settings.scan_budget / max(
+            1, len(self.fleet)
+        )
+        await tracker.update(vm, conn)
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)

@@ -79,6 +79,21 @@ async def read_memory(conn: QMPConnection, vm: VMState) -> None:
         )
 
 
+async def read_ram_layout(conn: QMPConnection, vm: VMState) -> None:
+    """RAM blocks and the flat memory tree, as text: the host view locates guest RAM with them."""
+    try:
+        reply = await conn.execute("x-query-ramblock")
+        text = reply.get("human-readable-text") if isinstance(reply, dict) else None
+        vm.memory.ramblock_text = text if isinstance(text, str) else None
+    except CommandFailed:
+        vm.memory.ramblock_text = None  # QEMU < 6.2 has no x-query-ramblock
+    try:
+        mtree = await conn.execute("human-monitor-command", {"command-line": "info mtree -f"})
+        vm.memory.mtree_text = mtree if isinstance(mtree, str) else None
+    except CommandFailed:
+        vm.memory.mtree_text = None
+
+
 async def find_balloon(conn: QMPConnection) -> tuple[str, str] | None:
     """(QOM path, type) of the first virtio-balloon device, found by type, not by assumed id."""
     for parent in BALLOON_PARENTS:
@@ -167,6 +182,7 @@ async def attach(conn: QMPConnection, vm: VMState, *, stats_interval: int) -> No
     """Everything read once when a session (re)attaches."""
     await read_identity(conn, vm)
     await read_memory(conn, vm)
+    await read_ram_layout(conn, vm)
     await read_balloon(conn, vm, stats_interval=stats_interval)
     await read_guest_stats(conn, vm)
 

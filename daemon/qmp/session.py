@@ -32,7 +32,8 @@ from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost
 from daemon.qmp.intake import Followups, apply_event
 
-PollHook = Callable[[VMState], Awaitable[None]]
+# Called after each poll with the live connection (None in poll mode once it is closed).
+PollHook = Callable[[VMState, QMPConnection | None], Awaitable[None]]
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -183,7 +184,7 @@ class Session:
                     await probe.read_status(conn, self.vm)
                 await probe.poll(conn, self.vm)
                 if self.on_poll is not None:
-                    await self.on_poll(self.vm)
+                    await self.on_poll(self.vm, conn)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.settings.poll_interval):
                         await wake.wait()
@@ -260,6 +261,8 @@ class PollSession:
                     await conn.connect(self.address, self.settings.connect_timeout)
                     await probe.attach(conn, self.vm, stats_interval=self.settings.stats_interval)
                     self.vm.last_poll = time.time()
+                    if self.on_poll is not None:
+                        await self.on_poll(self.vm, conn)
                 finally:
                     await conn.close()
         except (QMPSessionError, probe.BadReply) as exc:
@@ -274,8 +277,6 @@ class PollSession:
             )
         self._set(SessionState.RUNNING)
         self.vm.last_error = None
-        if self.on_poll is not None:
-            await self.on_poll(self.vm)
 
     async def command(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one command on a short-lived connection."""

@@ -28,7 +28,13 @@ def free_port() -> int:
 class ReclaimdProcess:
     """``reclaimd serve ARGS`` with its own journal and port; ``stop()`` always ends it."""
 
-    def __init__(self, workdir: Path, args: Sequence[str], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"reclaimd-{self.port}.log"
@@ -43,7 +49,9 @@ class ReclaimdProcess:
         }
         argv = [sys.executable, "-m", "daemon.cli", "serve", "--listen", f"127.0.0.1:{self.port}"]
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([*argv, *args], env=full_env, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [*prefix, *argv, *args], env=full_env, stdout=log, stderr=log, cwd=workdir
+            )
         self.client = httpx.Client(base_url=self.url, timeout=10)
         self.wait_for(lambda: self._healthy(), 30, "reclaimd /healthz")
 

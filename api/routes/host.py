@@ -1,0 +1,43 @@
+"""``/api/v1/vms/{name}/reported-ranges`` and ``/estimate``: what the host got back, and could."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from api.deps import DaemonDep, VMDep
+from api.schemas import Problem, RangePage, ReportedRangeOut
+
+router = APIRouter(prefix="/api/v1/vms", tags=["host"])
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
+
+
+@router.get("/{name}/reported-ranges", response_model=RangePage, responses=NOT_FOUND)
+async def reported_ranges(
+    vm: VMDep,
+    daemon: DaemonDep,
+    since: Annotated[float | None, Query(ge=0, description="only ranges seen after")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> RangePage:
+    """Blocks that free page reporting returned to the host, newest first."""
+    tracker = daemon.trackers.get(vm.name)
+    if tracker is None or tracker.ledger.scans == 0:
+        problem = (vm.extras.get("host") or {}).get("problem_detail") or "no host scan yet"
+        return RangePage(vm=vm.name, ranges=[], total=0, problem=problem)
+    ranges = tracker.ledger.ranges(since=since, limit=limit)
+    return RangePage(
+        vm=vm.name,
+        ranges=[ReportedRangeOut(**vars(r)) for r in reversed(ranges)],
+        total=tracker.ledger.ranges_total,
+        problem=None,
+    )
+
+
+@router.get("/{name}/estimate", responses=NOT_FOUND)
+async def get_estimate(vm: VMDep) -> dict[str, Any]:
+    """The reclaim estimate, component by component, with sources and input ages."""
+    estimate = vm.extras.get("estimate")
+    if not isinstance(estimate, dict):
+        return {"vm": vm.name, "components": None, "problem": "no estimate yet"}
+    return {"vm": vm.name, **estimate}
