@@ -35,10 +35,22 @@ _STAT_COUNTERS = (
     ("qemu_guest_hugetlb_failures", "Guest hugetlb allocation failures", "hugetlb_failures"),
     ("qemu_guest_oom_kills", "Guest OOM kills (QEMU 9.2+)", "oom_kills"),
     ("qemu_guest_alloc_stalls", "Guest allocation stalls (QEMU 9.2+)", "alloc_stalls"),
-    ("qemu_guest_async_scans", "Pages scanned by kswapd (QEMU 9.2+)", "async_scans"),
-    ("qemu_guest_direct_scans", "Pages scanned by direct reclaim (QEMU 9.2+)", "direct_scans"),
-    ("qemu_guest_async_reclaims", "Pages reclaimed by kswapd (QEMU 9.2+)", "async_reclaims"),
-    ("qemu_guest_direct_reclaims", "Pages reclaimed directly (QEMU 9.2+)", "direct_reclaims"),
+    ("qemu_guest_kswapd_scanned_bytes", "Bytes scanned by kswapd (QEMU 9.2+)", "async_scans"),
+    (
+        "qemu_guest_direct_scanned_bytes",
+        "Bytes scanned by direct reclaim (QEMU 9.2+)",
+        "direct_scans",
+    ),
+    (
+        "qemu_guest_kswapd_reclaimed_bytes",
+        "Bytes reclaimed by kswapd (QEMU 9.2+)",
+        "async_reclaims",
+    ),
+    (
+        "qemu_guest_direct_reclaimed_bytes",
+        "Bytes reclaimed directly (QEMU 9.2+)",
+        "direct_reclaims",
+    ),
 )
 RECLAIM_COMPONENTS = (
     "ballooned",

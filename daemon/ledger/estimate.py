@@ -104,8 +104,14 @@ def estimate(inputs: Inputs) -> Estimate:
     else:
         c["ballooned"] = Component(None, "observed", reason=inputs.balloon_problem or "no balloon")
 
+    ballooned = c["ballooned"].bytes or 0
     if ledger is not None:
-        c["reported"] = Component(ledger.reported_bytes, "observed", host_age)
+        # A balloon inflated over already reported pages takes them without any page changing
+        # state on the host: they are in the balloon now, so count them there only.
+        reported = (
+            ledger.reported_bytes if ram is None else min(ledger.reported_bytes, ram - ballooned)
+        )
+        c["reported"] = Component(reported, "observed", host_age)
     else:
         c["reported"] = Component(None, "observed", reason=inputs.host_problem or "no host view")
 
@@ -120,7 +126,10 @@ def estimate(inputs: Inputs) -> Estimate:
     else:
         # Free guest pages the host no longer backs: reported ones, and ones never backed.
         free_absent = min(free, ledger.reported_bytes + ledger.unattributed_bytes)
-        c["free_resident"] = Component(free - free_absent, "observed", _oldest(stats_age, host_age))
+        resident = free - free_absent
+        if ram is not None:  # untrusted stats: no more than the RAM left outside the other parts
+            resident = min(resident, max(0, ram - ballooned - (c["reported"].bytes or 0)))
+        c["free_resident"] = Component(resident, "observed", _oldest(stats_age, host_age))
 
     enabled = inputs.reporting_enabled
     effective, note = reporting_effective(inputs)
