@@ -1,0 +1,90 @@
+"""The whole ``qemu_*`` exposition for a known fleet, compared against a golden file.
+
+Regenerate after an intended change with ``RECLAIMD_UPDATE_GOLDEN=1 pytest tests/api`` and review
+the diff like code: every line is a series operators' dashboards and alerts depend on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from api.metrics import FleetCollector
+from daemon.fleet import Fleet, SessionState
+from daemon.guest_stats import GuestStats
+
+GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
+MiB = 1 << 20
+NOW = 1_800_000_000.0
+
+
+def known_fleet() -> Fleet:
+    fleet = Fleet()
+    web = fleet.add("web1", "unix:/run/qemu/web1.qmp", "connect")
+    web.set_session_state(SessionState.RUNNING)
+    web.uuid, web.qemu_version, web.running = "5f1d9f5c-0000-4000-8000-000000000001", "7.2.22", True
+    web.memory.base_bytes, web.memory.plugged_bytes = 2048 * MiB, 0
+    web.balloon.present, web.balloon.actual_bytes, web.balloon.target_bytes = (
+        True,
+        1536 * MiB,
+        1536 * MiB,
+    )
+    web.balloon.free_page_reporting, web.balloon.deflate_on_oom = True, False
+    web.guest_stats = GuestStats(
+        last_update=NOW - 3,
+        free_bytes=700 * MiB,
+        total_bytes=1500 * MiB,
+        available_bytes=1000 * MiB,
+        disk_caches_bytes=250 * MiB,
+        swap_in_bytes=0,
+        swap_out_bytes=4096,
+        major_faults=12,
+        minor_faults=34567,
+    )
+    web.event_counts = {"BALLOON_CHANGE": 3, "RESUME": 1}
+    web.extras["host"] = {
+        "resident_bytes": 900 * MiB,
+        "reported_bytes": 500 * MiB,
+        "reported_bytes_total": 640 * MiB,
+        "refaulted_bytes_total": 140 * MiB,
+        "reporting_effective": True,
+    }
+    web.extras["estimate"] = {
+        "components": {
+            "ballooned": {"bytes": 512 * MiB},
+            "reported": {"bytes": 500 * MiB},
+            "free_resident": {"bytes": 200 * MiB},
+            "reportable": {"bytes": 0},
+            "stranded": {"bytes": 200 * MiB},
+            "cache": {"bytes": 300 * MiB},
+            "reclaimable": {"bytes": None},
+        }
+    }
+    down = fleet.add("db1", "unix:/run/qemu/db1.qmp", "poll")
+    down.mark_down("connection closed by peer")
+    down.guest_stats = GuestStats(last_update=NOW - 10, valid=False, problems=("free > total",))
+    return fleet
+
+
+def exposition() -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    fleet = known_fleet()
+    registry.register(FleetCollector(lambda: fleet, clock=lambda: NOW))
+    return generate_latest(registry).decode()
+
+
+def test_exposition_matches_golden_file() -> None:
+    text = exposition()
+    if os.environ.get("RECLAIMD_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_names_follow_conventions() -> None:
+    for line in exposition().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name.startswith(("qemu_", "reclaimd_")), name
+            assert name.endswith("_total") == (kind == "counter"), line
