@@ -24,7 +24,11 @@ _STAT_GAUGES = (
     ("qemu_guest_memory_total_bytes", "Guest total memory (MemTotal)", "total_bytes"),
     ("qemu_guest_memory_free_bytes", "Guest free memory (MemFree)", "free_bytes"),
     ("qemu_guest_memory_available_bytes", "Guest available memory", "available_bytes"),
-    ("qemu_guest_disk_caches_bytes", "Guest page cache that can be dropped", "disk_caches_bytes"),
+    (
+        "qemu_guest_disk_caches_bytes",
+        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped)",
+        "disk_caches_bytes",
+    ),
 )
 _STAT_COUNTERS = (
     ("qemu_guest_swap_in_bytes", "Bytes the guest swapped in", "swap_in_bytes"),

@@ -29,6 +29,11 @@ QMP_RECONNECTS = Counter(
     ["vm"],
     registry=REGISTRY,
 )
+JOURNAL_ERRORS = Counter(
+    "reclaimd_journal_errors",
+    "Journal writes that failed (the entry is lost; the daemon goes on)",
+    registry=REGISTRY,
+)
 RESIDENCY_SCAN_SECONDS = Histogram(
     "reclaimd_residency_scan_seconds",
     "Duration of one host residency scan of a VM's guest RAM",

@@ -21,6 +21,7 @@ from daemon.ledger.tracker import HostTracker
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.discovery import SocketWatcher
 from daemon.qmp.errors import QMPSessionError
+from daemon.qmp.intake import record
 from daemon.qmp.listener import Listener
 from daemon.qmp.session import PollHook, PollSession, Session
 
@@ -194,10 +195,10 @@ class Reclaimd:
         try:
             await session.command("balloon", {"value": target_bytes})
         except QMPSessionError as exc:
-            self.journal.append(name, "request", "balloon", {**data, "error": str(exc)})
+            record(self.journal, name, "request", "balloon", {**data, "error": str(exc)})
             raise
         vm.balloon.target_bytes = target_bytes
-        self.journal.append(name, "request", "balloon", data)
+        record(self.journal, name, "request", "balloon", data)
 
 
 @contextlib.asynccontextmanager

@@ -8,11 +8,13 @@ waits on a command.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from daemon.fleet import VMState
-from daemon.journal import Journal
+from daemon.instruments import JOURNAL_ERRORS
+from daemon.journal import Journal, JournalError, qmp_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,21 @@ class Followups:
         return self.memory or self.status
 
 
-def event_time(msg: dict[str, Any]) -> float | None:
-    """QEMU's timestamp of an event, in seconds, or None when absent or malformed."""
-    stamp = msg.get("timestamp")
-    if not isinstance(stamp, dict):
-        return None
-    secs, usecs = stamp.get("seconds"), stamp.get("microseconds")
-    if not isinstance(secs, int) or not isinstance(usecs, int) or secs < 0:
-        return None
-    # QEMU uses -1/-1 for "no clock yet"; handled by secs < 0 above.
-    return secs + usecs / 1e6
+def record(
+    journal: Journal,
+    vm: str,
+    kind: str,
+    name: str,
+    data: Mapping[str, Any] | None = None,
+    qemu_time: float | None = None,
+) -> None:
+    """Journal one entry. A journal that fails (disk full) is logged and counted, never fatal:
+    the session goes on following its VM."""
+    try:
+        journal.append(vm, kind, name, data, qemu_time=qemu_time)
+    except JournalError as exc:
+        JOURNAL_ERRORS.inc()
+        log.error("journal: cannot record %s %s of %s: %s", kind, name, vm, exc)
 
 
 def apply_event(
@@ -70,8 +77,8 @@ def apply_event(
         return None
     raw = msg.get("data")
     data: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    when = event_time(msg)
-    journal.append(vm.name, "event", name, data, qemu_time=when)
+    when = qmp_timestamp(msg.get("timestamp"))
+    record(journal, vm.name, "event", name, data, qemu_time=when)
     vm.event_counts[name] = vm.event_counts.get(name, 0) + 1
     vm.last_event, vm.last_event_time = name, when
 

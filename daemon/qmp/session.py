@@ -30,7 +30,7 @@ from daemon.journal import Journal
 from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost
-from daemon.qmp.intake import Followups, apply_event
+from daemon.qmp.intake import Followups, apply_event, record
 
 # Called after each poll with the live connection (None in poll mode once it is closed).
 PollHook = Callable[[VMState, QMPConnection | None], Awaitable[None]]
@@ -140,7 +140,7 @@ class Session:
             self._set(SessionState.DISCONNECTED, cause)
             if attached:
                 self.vm.up = False
-                self.journal.append(self.vm.name, "detach", "detach", {"cause": cause})
+                record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
 
     def _on_attached(self) -> None:
         self.vm.attached_at = time.time()
@@ -151,7 +151,8 @@ class Session:
         self._attached_before = True
         self._set(SessionState.RUNNING)
         self.vm.last_error = None
-        self.journal.append(
+        record(
+            self.journal,
             self.vm.name,
             "attach",
             "attach",
@@ -268,12 +269,16 @@ class PollSession:
         except (QMPSessionError, probe.BadReply) as exc:
             self._set(SessionState.DISCONNECTED, str(exc))
             if was_up:
-                self.journal.append(self.vm.name, "detach", "detach", {"cause": str(exc)})
+                record(self.journal, self.vm.name, "detach", "detach", {"cause": str(exc)})
             return
         if not was_up:
             self.vm.attached_at = self.vm.last_poll
-            self.journal.append(
-                self.vm.name, "attach", "attach", {"mode": "poll", "address": self.vm.address}
+            record(
+                self.journal,
+                self.vm.name,
+                "attach",
+                "attach",
+                {"mode": "poll", "address": self.vm.address},
             )
         self._set(SessionState.RUNNING)
         self.vm.last_error = None

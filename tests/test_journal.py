@@ -1,0 +1,514 @@
+"""The durable event journal: restarts, paging, retention, bad files, concurrent readers."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.journal import (
+    MAX_DATA_CHARS,
+    Journal,
+    JournalEntry,
+    JournalError,
+    NewEntry,
+    qmp_timestamp,
+)
+
+DAY = 86400.0
+# Recent, so the default 30-day retention (applied with the wall clock) keeps test entries.
+T0 = float(int(time.time() - DAY))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "journal.sqlite3"
+
+
+@pytest.fixture
+def journal(path: Path) -> Iterator[Journal]:
+    with Journal(path) as j:
+        yield j
+
+
+def fill(journal: Journal, vm: str, n: int, *, start: float = T0, kind: str = "event") -> list[int]:
+    """n BALLOON_CHANGE entries for vm, one second apart from `start`."""
+    return journal.append_many(
+        NewEntry(vm, kind, "BALLOON_CHANGE", {"actual": i}, start + i + 0.5, start + i)
+        for i in range(n)
+    )
+
+
+# -- recording and restart -------------------------------------------------------------------
+
+
+def test_entries_and_counts_survive_a_restart(path: Path) -> None:
+    with Journal(path) as j:
+        a = j.append("web1", "attach", "attach", {"mode": "connect"}, recorded_at=T0)
+        b = j.append_event(
+            "web1",
+            {
+                "event": "BALLOON_CHANGE",
+                "data": {"actual": 536870912},
+                "timestamp": {"seconds": 1_760_000_001, "microseconds": 250_000},
+            },
+        )
+        c = j.append("web1", "request", "balloon", {"target": 268435456, "by": "api"})
+        d = j.append("db1", "event", "RESET", None, qemu_time=T0 + 3)
+        e = j.append("web1", "detach", "detach", {"reason": "EOFError"})
+        before = j.entries("web1")
+        counts = j.event_counts()
+        assert [x.id for x in before] == [e, c, b, a]
+        assert a < b < c < d < e
+    assert counts == {("web1", "BALLOON_CHANGE"): 1, ("db1", "RESET"): 1}
+
+    with Journal(path) as j:
+        assert j.entries("web1") == before
+        assert j.event_counts() == counts
+        assert j.vms() == ["db1", "web1"]
+        assert j.append("web1", "event", "STOP") > e
+        assert j.event_counts()[("web1", "STOP")] == 1
+
+    event = before[2]
+    assert event == JournalEntry(
+        b, "web1", "event", "BALLOON_CHANGE", {"actual": 536870912}, 1_760_000_001.25,
+        event.recorded_at,
+    )  # fmt: skip
+
+
+def test_entries_survive_the_writer_being_killed(path: Path) -> None:
+    child = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from daemon.journal import Journal
+        j = Journal(Path({str(path)!r}))
+        for i in range(500):
+            j.append("vm", "event", "BALLOON_CHANGE", {{"actual": i}})
+        os.kill(os.getpid(), signal.SIGKILL)  # no close(), no checkpoint
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    with Journal(path) as j:
+        assert len(j.entries("vm", limit=1000)) == 500
+        assert j.event_counts() == {("vm", "BALLOON_CHANGE"): 500}
+        assert j.entries("vm", limit=1)[0].data == {"actual": 499}
+
+
+def test_only_qmp_events_are_counted(journal: Journal) -> None:
+    for kind in ("attach", "detach", "request", "error"):
+        journal.append("vm", kind, "BALLOON_CHANGE")
+    fill(journal, "vm", 3)
+    fill(journal, "other", 2)
+    journal.append("vm", "event", "SHUTDOWN")
+    assert journal.event_counts() == {
+        ("vm", "BALLOON_CHANGE"): 3,
+        ("other", "BALLOON_CHANGE"): 2,
+        ("vm", "SHUTDOWN"): 1,
+    }
+
+
+def test_unknown_kind_is_refused_and_nothing_of_the_batch_is_recorded(journal: Journal) -> None:
+    with pytest.raises(ValueError, match="unknown journal entry kind 'evnt'"):
+        journal.append_many([NewEntry("vm", "event", "A"), NewEntry("vm", "evnt", "B")])
+    assert journal.entries("vm") == []
+    assert journal.event_counts() == {}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"o": object()},
+        {"nan": math.nan},
+        {"big": 10**5000},
+        {"raw": b"\x00\xff"},
+        {(1, 2): "tuple key"},
+    ],
+)
+def test_data_that_is_not_json_is_kept_as_a_flagged_repr(journal: Journal, data: Any) -> None:
+    entry_id = journal.append("vm", "error", "odd", data)
+    (entry,) = journal.entries("vm")
+    assert entry.id == entry_id
+    assert entry.data_is_repr
+    assert isinstance(entry.data["repr"], str) and entry.data["repr"]
+
+
+def test_circular_and_unprintable_data_do_not_crash(journal: Journal) -> None:
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+
+    class Hostile:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    journal.append("vm", "error", "circular", circular)
+    journal.append("vm", "error", "hostile", {"h": Hostile()})
+    hostile, looped = journal.entries("vm")
+    assert looped.data_is_repr and "self" in looped.data["repr"]
+    assert hostile.data_is_repr and hostile.data["repr"]
+
+
+def test_oversized_data_is_truncated_and_flagged(journal: Journal) -> None:
+    journal.append("vm", "error", "huge", {"text": "x" * (MAX_DATA_CHARS + 1)})
+    (entry,) = journal.entries("vm")
+    assert entry.data_is_repr
+    assert len(entry.data["repr"]) < MAX_DATA_CHARS
+
+
+def test_json_data_round_trips(journal: Journal) -> None:
+    data = {"actual": 2**62, "nested": {"list": [1, "two", None, True]}, "text": "é\u2603"}
+    journal.append("vm", "event", "X", data)
+    (entry,) = journal.entries("vm")
+    assert entry.data == data
+    assert not entry.data_is_repr
+
+
+def test_names_that_are_not_valid_utf8_are_stored(journal: Journal) -> None:
+    vm = "guest-\udcff"  # a lone surrogate, as os.fsdecode gives for a non-UTF-8 byte
+    journal.append(vm, "attach", "attach")
+    (entry,) = journal.entries(vm)
+    assert entry.kind == "attach"
+    assert journal.vms() == ["guest-\\udcff"]
+
+
+def test_timestamps(journal: Journal) -> None:
+    journal.append("vm", "event", "A", qemu_time=math.nan, recorded_at=T0)
+    (entry,) = journal.entries("vm")
+    assert entry.qemu_time is None
+    assert entry.recorded_at == T0
+    with pytest.raises(ValueError, match="finite"):
+        journal.append("vm", "event", "B", recorded_at=math.inf)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ({"seconds": 1_760_000_000, "microseconds": 500_000}, 1_760_000_000.5),
+        ({"seconds": 0, "microseconds": 0}, 0.0),
+        ({"seconds": -1, "microseconds": -1}, None),  # QEMU could not read its clock
+        ({"seconds": 1, "microseconds": 1_000_000}, None),
+        ({"seconds": True, "microseconds": 0}, None),
+        ({"seconds": 1.5, "microseconds": 0}, None),
+        ({"seconds": 1}, None),
+        (None, None),
+        ("1760000000", None),
+    ],
+)
+def test_qmp_timestamp(timestamp: object, expected: float | None) -> None:
+    assert qmp_timestamp(timestamp) == expected
+
+
+def test_append_event_keeps_non_object_data(journal: Journal) -> None:
+    journal.append_event("vm", {"event": "ODD", "data": [1, 2]})
+    (entry,) = journal.entries("vm")
+    assert (entry.name, entry.data, entry.qemu_time) == ("ODD", {"data": [1, 2]}, None)
+
+
+# -- reading: paging, since, kinds -----------------------------------------------------------
+
+
+def test_pages_newest_first_without_gaps_or_overlaps(journal: Journal) -> None:
+    ids = fill(journal, "vm", 250)
+    fill(journal, "other", 30)
+    pages: list[list[int]] = []
+    cursor: int | None = None
+    while page := journal.entries("vm", before_id=cursor, limit=100):
+        pages.append([e.id for e in page])
+        cursor = page[-1].id
+    assert [len(p) for p in pages] == [100, 100, 50]
+    assert [i for p in pages for i in p] == sorted(ids, reverse=True)
+
+
+def test_since_is_inclusive_on_recorded_at(journal: Journal) -> None:
+    fill(journal, "vm", 10)
+    got = journal.entries("vm", since=T0 + 7)
+    assert [e.recorded_at for e in got] == [T0 + 9, T0 + 8, T0 + 7]
+    assert journal.entries("vm", since=T0 + 9.5) == []
+
+
+def test_kinds_filter(journal: Journal) -> None:
+    fill(journal, "vm", 5)
+    journal.append("vm", "request", "balloon", {"target": 1})
+    journal.append("vm", "detach", "detach")
+    assert [e.kind for e in journal.entries("vm", kinds={"request", "detach"})] == [
+        "detach",
+        "request",
+    ]
+    assert journal.entries("vm", kinds=()) == []
+    assert journal.entries("vm", limit=0) == []
+    with pytest.raises(ValueError):
+        journal.entries("vm", limit=-1)
+
+
+@pytest.mark.parametrize("n", [300, 6000])  # below and above the dense-since threshold
+def test_queries_match_a_reference_filter(journal: Journal, n: int) -> None:
+    # recorded_at mostly follows the append order but not always, as with a clock step.
+    entries = [
+        NewEntry(
+            "vm",
+            "request" if i % 7 == 0 else "event",
+            "X",
+            None,
+            None,
+            T0 + i - (50 if i % 97 == 0 else 0),
+        )
+        for i in range(n)
+    ]
+    journal.append_many(entries)
+    everything = journal.entries("vm", limit=n + 1)
+    assert len(everything) == n
+    for since in (None, T0, T0 + n // 2, T0 + n - 20, T0 + n + 1):
+        for before_id in (None, n // 3, n - 5):
+            for kinds in (None, {"request"}):
+                for limit in (1, 100):
+                    expected = [
+                        e
+                        for e in everything
+                        if (since is None or e.recorded_at >= since)
+                        and (before_id is None or e.id < before_id)
+                        and (kinds is None or e.kind in kinds)
+                    ][:limit]
+                    got = journal.entries(
+                        "vm", since=since, before_id=before_id, kinds=kinds, limit=limit
+                    )
+                    assert got == expected, (since, before_id, kinds, limit)
+
+
+def test_vms_lists_every_recorded_vm(journal: Journal) -> None:
+    assert journal.vms() == []
+    journal.append("b", "attach", "attach")
+    journal.append("a", "error", "connect")
+    journal.append("b", "detach", "detach")
+    assert journal.vms() == ["a", "b"]
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+def test_retention_by_count_bounds_growth_and_keeps_the_newest(path: Path) -> None:
+    with Journal(path, max_events=100, prune_every=10) as j:
+        for i in range(50):
+            fill(j, f"vm{i % 3}", 9, start=T0 + 10 * i)
+            stored = sum(len(j.entries(f"vm{v}", limit=1000)) for v in range(3))
+            assert stored < 100 + 10
+        j.prune(now=T0)
+        kept = sorted(e.id for v in range(3) for e in j.entries(f"vm{v}", limit=1000))
+    assert kept == list(range(450 - 99, 451))
+
+
+def test_retention_by_age(path: Path) -> None:
+    with Journal(path, max_age_days=1.0) as j:
+        fill(j, "vm", 10, start=T0 - 2 * DAY)
+        fill(j, "vm", 10, start=T0 - 0.5 * DAY)
+        assert j.prune(now=T0) == 10
+        assert j.prune(now=T0) == 0
+        left = j.entries("vm", limit=100)
+    assert len(left) == 10
+    assert min(e.recorded_at for e in left) == T0 - 0.5 * DAY
+
+
+def test_age_and_count_retention_together_remove_no_more_than_needed(path: Path) -> None:
+    with Journal(path, max_events=10, max_age_days=1.0, prune_every=1000) as j:
+        fill(j, "vm", 5, start=T0 - 3 * DAY)
+        fill(j, "vm", 10, start=T0)
+        assert j.prune(now=T0 + 60) == 5
+        assert len(j.entries("vm")) == 10
+
+
+def test_age_retention_applies_on_open(path: Path) -> None:
+    with Journal(path) as j:
+        fill(j, "vm", 20, start=T0 - 5 * DAY)
+        fill(j, "vm", 5, start=T0)
+    with Journal(path, max_age_days=2.0) as j:
+        assert [e.recorded_at for e in j.entries("vm")] == [T0 + i for i in (4, 3, 2, 1, 0)]
+
+
+def test_count_retention_applies_on_open(path: Path) -> None:
+    with Journal(path) as j:
+        fill(j, "vm", 20, start=T0)
+    with Journal(path, max_events=3) as j:
+        assert [e.recorded_at for e in j.entries("vm")] == [T0 + i for i in (19, 18, 17)]
+
+
+def test_counts_survive_pruning_and_restart(path: Path) -> None:
+    with Journal(path, max_age_days=1.0) as j:
+        fill(j, "vm", 40, start=T0 - 5 * DAY)
+        last = j.append("vm", "event", "STOP", recorded_at=T0 - 5 * DAY)
+        assert j.prune(now=T0) == 41
+        assert j.entries("vm") == []
+        counts = j.event_counts()
+    assert counts == {("vm", "BALLOON_CHANGE"): 40, ("vm", "STOP"): 1}
+    with Journal(path, max_age_days=1.0) as j:
+        assert j.event_counts() == counts
+        assert j.vms() == ["vm"]
+        assert j.append("vm", "event", "RESUME") > last  # ids are never reused
+
+
+def test_bad_retention_settings_are_refused(path: Path) -> None:
+    for kwargs in ({"max_events": 0}, {"max_age_days": 0.0}, {"prune_every": 0}):
+        with pytest.raises(ValueError):
+            Journal(path, **kwargs)
+
+
+# -- unusable files --------------------------------------------------------------------------
+
+
+def test_path_under_a_regular_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(JournalError, match="cannot create the journal's directory") as info:
+        Journal(tmp_path / "afile" / "journal.sqlite3")
+    assert info.value.__cause__ is not None
+
+
+def test_path_that_is_a_directory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(JournalError, match=r"cannot .* journal") as info:
+        Journal(tmp_path / "dir")
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+def test_garbage_file_is_refused(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(JournalError, match="file is not a database") as info:
+        Journal(path)
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert path.read_bytes() == bytes(range(256)) * 64  # left alone
+
+
+def test_journal_damaged_after_its_header_is_refused(path: Path) -> None:
+    with Journal(path) as j:
+        fill(j, "vm", 2000)
+    data = bytearray(path.read_bytes())
+    page_size = 4096
+    data[page_size:] = b"\xa5" * (len(data) - page_size)  # every page but the header page
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match=r"malformed|not a database") as info:
+        Journal(path)
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_another_programs_database_is_refused(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TABLE users (name TEXT)")
+    other.close()
+    with pytest.raises(JournalError, match="not a reclaimd journal"):
+        Journal(path)
+
+
+def test_newer_schema_is_refused(path: Path) -> None:
+    Journal(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(JournalError, match="schema version 99, written by a newer reclaimd"):
+        Journal(path)
+
+
+def test_second_writer_is_refused_until_the_first_closes(path: Path) -> None:
+    first = Journal(path)
+    with pytest.raises(JournalError, match=r"in use by another process \(pid \d+\)"):
+        Journal(path)
+    first.close()
+    Journal(path).close()
+
+
+def test_closed_journal_refuses_use(path: Path) -> None:
+    j = Journal(path)
+    j.close()
+    j.close()  # harmless
+    with pytest.raises(JournalError, match="closed"):
+        j.append("vm", "event", "X")
+    with pytest.raises(JournalError, match="closed"):
+        j.entries("vm")
+
+
+def test_failed_append_leaves_no_trace(journal: Journal) -> None:
+    fill(journal, "vm", 3)
+    before_counts = journal.event_counts()
+    conn = journal._conn  # the only way to make the disk "full" without a tiny filesystem
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(JournalError, match="full") as info:
+        journal.append_many(NewEntry("vm", "event", "BIG", {"x": "y" * 50_000}) for _ in range(3))
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert journal.event_counts() == before_counts
+    assert [e.name for e in journal.entries("vm")] == ["BALLOON_CHANGE"] * 3
+    assert journal.append("vm", "event", "NEXT") == 4  # no id was used up
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+
+def test_readonly_journal_reads_and_refuses_writes(path: Path) -> None:
+    with Journal(path) as writer:
+        fill(writer, "vm", 5)
+        with Journal(path, readonly=True) as reader:
+            assert reader.entries("vm") == writer.entries("vm")
+            assert reader.event_counts() == writer.event_counts()
+            assert reader.vms() == ["vm"]
+            with pytest.raises(JournalError, match="read-only"):
+                reader.append("vm", "event", "X")
+            with pytest.raises(JournalError, match="read-only"):
+                reader.prune()
+
+
+def test_readonly_of_a_missing_journal_is_an_error(path: Path) -> None:
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal(path, readonly=True)
+
+
+def test_concurrent_reader_sees_consistent_snapshots_while_writing(path: Path) -> None:
+    total = 3000
+    seen: list[int] = []
+    failures: list[BaseException] = []
+    started = threading.Event()
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            with Journal(path, readonly=True) as reader:
+                started.set()
+                while True:
+                    finished = done.is_set()
+                    page = reader.entries("vm", limit=50)
+                    ids = [e.id for e in page]
+                    assert ids == sorted(ids, reverse=True)
+                    counted = reader.event_counts().get(("vm", "BALLOON_CHANGE"), 0)
+                    # The counter and the entries commit together, and ids are 1..n here.
+                    assert counted >= (ids[0] if ids else 0)
+                    seen.append(counted)
+                    if finished:
+                        return
+        except BaseException as exc:
+            failures.append(exc)
+            started.set()
+
+    Journal(path).close()  # create it, so the reader can open it
+    with Journal(path) as writer:
+        thread = threading.Thread(target=read)
+        thread.start()
+        assert started.wait(10)
+        for i in range(total):
+            writer.append("vm", "event", "BALLOON_CHANGE", {"actual": i})
+        done.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert failures == []
+    assert seen == sorted(seen), "a reader saw the counter go backwards"
+    assert seen[-1] == total
+    assert len(set(seen)) > 2, "the reader never overlapped the writer"
