@@ -1,10 +1,10 @@
 """Durable event journal: QMP events, attaches, detaches, REST balloon requests and errors, per VM.
 
 The journal is one SQLite database in WAL mode with ``synchronous=NORMAL``. Each append is one
-small transaction written to the WAL without an fsync: when ``append`` returns, the entry is in the
-operating system's hands, so it survives a crash or kill of the daemon; a power loss can lose the
-entries since the last checkpoint. Readers in other processes see committed entries at once (WAL
-readers never block the writer).
+small transaction written to the WAL without an fsync: when ``append`` returns, the entry is in
+the operating system's hands, so it survives a crash or kill of the daemon; a power loss can lose
+the entries since the last checkpoint (which fsyncs) but leaves the file consistent. Readers in
+other processes see committed entries at once (WAL readers never block the writer).
 
 Retention keeps the file bounded: entries older than ``max_age_days`` and the oldest entries beyond
 ``max_events`` (across all VMs) are deleted on open, every ``prune_every`` appends, and whenever
@@ -199,6 +199,7 @@ class Journal:
         self._counts: dict[tuple[str, str], int] = {}
         self._vms: set[str] = set()
         self._since_prune = 0
+        self._ready = False
         try:
             self._open()
         except BaseException:
@@ -214,6 +215,7 @@ class Journal:
             uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
             self._conn = self._connect(uri, uri=True)
             self._check_schema(self._conn, allow_create=False)
+            self._ready = True
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +233,7 @@ class Journal:
         self._run(conn, "PRAGMA journal_size_limit = 67108864")
         self._check_schema(conn, allow_create=True)
         self._load_state(conn)
+        self._ready = True
         self.prune()
 
     def _lock(self) -> None:
@@ -337,7 +340,9 @@ class Journal:
         next_id = self._last_id
         for vm, kind, name, data, qemu_time, recorded_at in entries:
             if kind not in KINDS:
-                raise ValueError(f"unknown journal entry kind {kind!r}; expected one of {KINDS}")
+                raise ValueError(
+                    f"unknown journal entry kind {kind!r}; expected one of {sorted(KINDS)}"
+                )
             vm, name = _storable(vm), _storable(name)
             text, is_repr = _encode_data(data)
             next_id += 1
@@ -393,7 +398,8 @@ class Journal:
     def prune(self, now: float | None = None) -> int:
         """Apply retention (age first, then count) and return how many entries were removed.
 
-        Event counters are kept: they are totals since the journal was created.
+        Age is measured from ``now`` (default ``time.time()``). Event counters are kept: they are
+        totals since the journal was created.
         """
         conn = self._writer()
         cutoff = (time.time() if now is None else now) - self.max_age_days * _SECONDS_PER_DAY
@@ -412,7 +418,7 @@ class Journal:
                         "DELETE FROM entries WHERE vm = ? AND recorded_at < ?", (vm, cutoff)
                     )
                     removed += cursor.rowcount
-                excess = self._rows - self.max_events
+                excess = self._rows - removed - self.max_events
                 if excess > 0:
                     cursor = conn.execute(
                         "DELETE FROM entries WHERE id IN"
@@ -447,6 +453,11 @@ class Journal:
         ``before_id`` is the paging cursor: entries with ``id < before_id`` (pass the last id of
         the previous page); ``kinds`` keeps those kinds only (an empty collection matches
         nothing). At most ``limit`` entries.
+
+        A page costs well under a millisecond at a million entries, except where the VM's
+        history has to be walked: a ``kinds`` filter that matches few entries, or paging to the
+        end of a ``since`` window of many entries (about 1 µs per entry walked; see
+        bench/RESULTS-journal.md).
         """
         if limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
@@ -536,7 +547,7 @@ class Journal:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                if not self.readonly:
+                if self._ready and not self.readonly:
                     conn.execute("PRAGMA optimize")
             except sqlite3.Error as exc:
                 log.warning("journal %s: optimize on close failed: %s", self.path, exc)
