@@ -45,6 +45,13 @@ def count(bits: Bits) -> int:
     return int(np.bitwise_count(bits).sum(dtype=np.int64))
 
 
+def count_runs(bits: Bits) -> int:
+    """Number of maximal runs of set pages."""
+    carry = np.zeros_like(bits)
+    carry[1:] = bits[:-1] >> np.uint64(63)  # the previous word's last page
+    return count(bits & ~((bits << np.uint64(1)) | carry))
+
+
 def low_mask(n: NDArray[Any]) -> Bits:
     """Per element, a word with its lowest ``n`` bits set (0 <= n <= 64)."""
     n = np.asarray(n, dtype=np.uint64)
@@ -70,23 +77,18 @@ def from_ranges(starts: NDArray[Any], ends: NDArray[Any], npages: int) -> Bits:
         raise ValueError("range outside the bitmap")
     head, tail = s // WORD_PAGES, (e - 1) // WORD_PAGES
     one_word = head == tail
+    # Ranges inside one word.
+    width = (e - s)[one_word]
+    shift = (s % WORD_PAGES)[one_word].astype(np.uint64)
+    np.bitwise_or.at(bits, head[one_word], low_mask(width) << shift)
+    # Ranges over several words: a partial head, whole words between, a partial tail.
     many = ~one_word
-    # Partial words: a range inside one word; else a partial head and a partial tail word.
-    words = np.concatenate((head[one_word], head[many], tail[many]))
-    masks = np.concatenate(
-        (
-            low_mask((e - s)[one_word]) << (s[one_word] % WORD_PAGES).astype(np.uint64),
-            _ALL << (s[many] % WORD_PAGES).astype(np.uint64),
-            low_mask((e[many] - 1) % WORD_PAGES + 1),
-        )
-    )
-    # Several small ranges can share a word: or their masks together per word.
-    order = np.argsort(words, kind="stable")
-    words, masks = words[order], masks[order]
-    first = np.flatnonzero(np.diff(words, prepend=-1))
-    bits[words[first]] |= np.bitwise_or.reduceat(masks, first)
-    # Whole words strictly between head and tail: +1 after the head, -1 at the tail.
-    delta = np.bincount(head[many] + 1, minlength=n + 1) - np.bincount(tail[many], minlength=n + 1)
+    h, t = head[many], tail[many]
+    np.bitwise_or.at(bits, h, _ALL << (s[many] % WORD_PAGES).astype(np.uint64))
+    np.bitwise_or.at(bits, t, low_mask((e[many] - 1) % WORD_PAGES + 1))
+    delta = np.zeros(n + 1, dtype=np.int32)
+    np.add.at(delta, h + 1, 1)
+    np.add.at(delta, t, -1)
     bits[np.cumsum(delta[:n]) > 0] = _ALL
     return bits
 

@@ -15,9 +15,10 @@ Rules, tried in this order for each guest-RAM block of ``Total`` bytes:
 - ``file-size``: any other read-write file mapping of the block's size (``memory-backend-file``
   whose path is not known).
 
-A rule that leaves two or more candidates for a block does not guess: the block is reported as
-``ambiguous_layout``. Adjacent mappings of the same file at consecutive offsets are joined first,
-since the kernel splits a file mapping when part of it changes attributes.
+A mapping must also be shared (``rw-s``) exactly when ``query-memdev`` says the backend has
+``share=on``. A rule that leaves two or more candidates for a block does not guess: the block is
+reported as ``ambiguous_layout``. Adjacent mappings of the same file at consecutive offsets are
+joined first, since the kernel splits a file mapping when part of it changes attributes.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class GuestRamMapping:
     dev: tuple[int, int]
     inode: int  # 0 for private anonymous memory
     file_offset: int
+    shared: bool  # MAP_SHARED ("rw-s"): writes go to the file, not to private copies
 
     @property
     def name(self) -> str:
@@ -78,8 +80,12 @@ class GuestRamMapping:
 
     @property
     def fd_backed(self) -> bool:
-        """Backed by a file or memfd that SEEK_DATA/SEEK_HOLE can see (not anonymous memory)."""
-        return self.inode != 0 and self.path != SHARED_ANON_NAME
+        """The guest's pages live in a file or memfd, where SEEK_DATA/SEEK_HOLE can see them.
+
+        Not for anonymous memory, and not for a private file mapping (``share=off``), whose
+        written pages are private anonymous copies.
+        """
+        return self.shared and self.inode != 0 and self.path != SHARED_ANON_NAME
 
     @property
     def npages(self) -> int:
@@ -154,6 +160,8 @@ def join_file_vmas(vmas: Sequence[Vma]) -> list[Vma]:
 def _fits(rule: MatchRule, vma: Vma, block: GuestRamBlock, mem_path: str | None) -> bool:
     if not vma.writable or vma.size != block.block.total:
         return False
+    if block.share is not None and (vma.perms[3:4] == "s") != block.share:
+        return False  # query-memdev's share=on|off is MAP_SHARED|MAP_PRIVATE
     if rule == "file-path":
         return mem_path is not None and vma.path in (mem_path, f"{mem_path} (deleted)")
     if rule == "memfd-name":
@@ -185,8 +193,11 @@ def match_guest_ram(
             if len(fits) == 1:
                 v = fits[0]
                 claimed.add(v.start)
+                shared = v.perms[3:4] == "s"
                 found.append(
-                    GuestRamMapping(block, v.start, v.size, rule, v.path, v.dev, v.inode, v.offset)
+                    GuestRamMapping(
+                        block, v.start, v.size, rule, v.path, v.dev, v.inode, v.offset, shared
+                    )
                 )
                 break
             if len(fits) > 1:

@@ -64,6 +64,7 @@ class Snapshot:
     at: float  # wall-clock time (epoch seconds) when the scan finished
     backed_pages: int
     swapped_pages: int | None  # of backed_pages; None when the method cannot tell
+    runs: int  # maximal runs of backed pages: how fragmented the mapping is
     seconds: float  # wall time the scan took
     cpu_seconds: float  # CPU time (user + system) of the scanning thread
 
@@ -161,6 +162,7 @@ def scan_pagemap_scan(pagemap_fd: int, start: int, npages: int, *, vec_len: int 
         at=time.time(),
         backed_pages=int((last - first).sum()),
         swapped_pages=int((last - first)[swapped].sum()),
+        runs=bitmap.count_runs(backed),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.thread_time() - c0,
     )
@@ -171,7 +173,7 @@ def scan_pagemap(
 ) -> Snapshot:
     """Scan ``npages`` from virtual address ``start`` by reading ``/proc/PID/pagemap``."""
     t0, c0 = time.perf_counter(), time.thread_time()
-    chunk_pages -= chunk_pages % bitmap.WORD_PAGES
+    chunk_pages = max(chunk_pages - chunk_pages % bitmap.WORD_PAGES, bitmap.WORD_PAGES)
     entries = np.empty(chunk_pages, dtype="<u8")
     backed = bitmap.zeros(npages)
     swapped = 0
@@ -193,6 +195,7 @@ def scan_pagemap(
         at=time.time(),
         backed_pages=bitmap.count(backed),
         swapped_pages=swapped,
+        runs=bitmap.count_runs(backed),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.thread_time() - c0,
     )
@@ -233,6 +236,7 @@ def scan_seek_data(fd: int, file_offset: int, npages: int) -> Snapshot:
         at=time.time(),
         backed_pages=bitmap.count(backed),
         swapped_pages=None,
+        runs=len(starts),
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.thread_time() - c0,
     )

@@ -69,7 +69,7 @@ class Observation:
     unexplained: int
     refaulted: int
     first_touch: int
-    balloon_grew: int  # inflation since the previous scan that explained absences
+    balloon_grew: int  # balloon inflation since the previous scan
 
     @property
     def changed(self) -> bool:
