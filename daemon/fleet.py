@@ -56,6 +56,7 @@ class MemoryLayout:
     memdevs: list[dict[str, Any]] = field(default_factory=list)
     ramblock_text: str | None = None  # x-query-ramblock, for the host view
     mtree_text: str | None = None  # "info mtree -f", for guest-physical addresses
+    mem_paths: dict[str, str] = field(default_factory=dict)  # file backends: memdev id -> path
 
     @property
     def ram_bytes(self) -> int | None:

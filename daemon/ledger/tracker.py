@@ -53,11 +53,19 @@ class HostTracker:
 
     def _ensure_view(self, vm: VMState) -> HostView:
         mem = vm.memory
-        key = (vm.pid, mem.ramblock_text, mem.base_bytes, tuple(str(d) for d in mem.memdevs))
+        key = (
+            vm.pid,
+            mem.ramblock_text,
+            mem.base_bytes,
+            tuple(str(d) for d in mem.memdevs),
+            tuple(sorted(mem.mem_paths.items())),
+        )
         if key != self._key or self.view is None:
             pid_changed = self._key is None or self._key[0] != vm.pid
             self.close()
-            self.view = HostView.from_qmp(vm.pid, mem.ramblock_text, mem.memdevs, mem.base_bytes)
+            self.view = HostView.from_qmp(
+                vm.pid, mem.ramblock_text, mem.memdevs, mem.base_bytes, mem_paths=mem.mem_paths
+            )
             if pid_changed:  # another QEMU process: what the old one discarded says nothing now
                 self.ledger = Ledger(gpa_map=_gpa_map(mem.mtree_text))
                 self.steady_stranded = None

@@ -92,6 +92,19 @@ async def read_ram_layout(conn: QMPConnection, vm: VMState) -> None:
         vm.memory.mtree_text = mtree if isinstance(mtree, str) else None
     except CommandFailed:
         vm.memory.mtree_text = None
+    vm.memory.mem_paths = {}
+    for memdev in vm.memory.memdevs:
+        backend = memdev.get("id")
+        if not isinstance(backend, str):
+            continue
+        try:
+            path = await conn.execute(
+                "qom-get", {"path": f"/objects/{backend}", "property": "mem-path"}
+            )
+        except CommandFailed:
+            continue  # not a file backend (ram, memfd) or not an object path
+        if isinstance(path, str) and path:
+            vm.memory.mem_paths[backend] = path
 
 
 async def find_balloon(conn: QMPConnection) -> tuple[str, str] | None:
