@@ -6,7 +6,10 @@ instruments live in their own registry so tests and embedders get exactly the da
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+# A `_created` series per counter and histogram only adds series; dashboards never read them.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

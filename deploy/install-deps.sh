@@ -2,7 +2,7 @@
 # System packages for the real test guest (QEMU, busybox, cpio) and the Prometheus e2e tests.
 # Needs root (or sudo). Idempotent: installs only what is missing.
 set -euo pipefail
-pkgs=(qemu-system-x86 busybox-static cpio prometheus python3-venv)
+pkgs=(qemu-system-x86 busybox-static cpio prometheus python3-venv systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,176 @@
+"""Kubernetes manifests: core resources validated with kubernetes-validate (the Kubernetes
+OpenAPI schemas, strict: unknown fields are errors), and consistency with reclaimd's config.
+
+kubernetes-validate has no schema for the Prometheus Operator's ServiceMonitor and PrometheusRule,
+and no PyPI package ships their CRD schemas without side effects, so those two are checked against
+the fields of the monitoring.coreos.com/v1 API they use; the PrometheusRule's rules themselves
+are promtool-checked (they equal deploy/prometheus/rules, see test_prometheus_rules.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+
+from daemon.config import Settings
+from tests.deploy.support import DEPLOY, load_yaml, load_yaml_all, setting_env_names
+
+KUBE = DEPLOY / "kubernetes"
+CORE_KINDS = {"Namespace", "DaemonSet", "Service"}
+KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests promise to work on
+
+
+def resources() -> list[tuple[Path, dict[str, Any]]]:
+    return [
+        (path, doc)
+        for path in sorted(KUBE.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in load_yaml_all(path)
+    ]
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    (doc,) = [doc for _, doc in resources() if doc["kind"] == kind]
+    return doc
+
+
+def container() -> dict[str, Any]:
+    (c,) = by_kind("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    return c  # type: ignore[no-any-return]
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = load_yaml(KUBE / "kustomization.yaml")["resources"]
+    on_disk = sorted(p.name for p in KUBE.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk
+
+
+def test_kinds() -> None:
+    kinds = sorted(doc["kind"] for _, doc in resources())
+    assert kinds == ["DaemonSet", "Namespace", "PrometheusRule", "Service", "ServiceMonitor"]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [doc for _, doc in resources() if doc["kind"] in CORE_KINDS],
+    ids=lambda doc: doc["kind"],
+)
+def test_core_resources_validate_strictly(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_an_unknown_field() -> None:
+    daemonset = by_kind("DaemonSet")
+    daemonset["spec"]["template"]["spec"]["hostPIDs"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
+
+
+def test_daemonset_environment_is_reclaimds_configuration() -> None:
+    env = {e["name"]: e for e in container()["env"]}
+    assert set(env) <= setting_env_names(), set(env) - setting_env_names()
+    values = {
+        name.removeprefix("RECLAIMD_").lower(): e["value"]
+        for name, e in env.items()
+        if "value" in e
+    }
+    settings = Settings(**values)  # raises on any value reclaimd would refuse
+    (port,) = container()["ports"]
+    assert port["containerPort"] == settings.listen_port
+    mounted = {m["mountPath"] for m in container()["volumeMounts"]}
+    assert settings.socket_glob is not None and settings.listen_socket is not None
+    assert str(Path(settings.socket_glob).parent) in mounted
+    assert str(settings.listen_socket.parent) in mounted
+    assert str(settings.journal.parent) in mounted
+    token = env["RECLAIMD_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["optional"] is True, "without the Secret, balloon changes must stay refused"
+
+
+def test_daemonset_asks_for_exactly_one_capability() -> None:
+    pod = by_kind("DaemonSet")["spec"]["template"]["spec"]
+    security = container()["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+    assert security["privileged"] is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert pod["hostPID"] is True  # to see QEMU processes on the node
+    assert not pod.get("hostNetwork") and not pod.get("hostIPC")
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for volume in pod["volumes"]:
+        if "hostPath" in volume:
+            assert volume["hostPath"]["path"] in {"/run/qemu", "/run/reclaimd", "/var/lib/reclaimd"}
+
+
+def test_probes_use_healthz_on_the_metrics_port() -> None:
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container()[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
+def test_service_selects_the_pods_and_names_the_port() -> None:
+    service = by_kind("Service")
+    pod_labels = by_kind("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == container()["ports"][0]["name"] == port["name"]
+    assert service["spec"]["clusterIP"] == "None"
+
+
+# Fields of monitoring.coreos.com/v1 used here, from the Prometheus Operator's API reference.
+SERVICE_MONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
+ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "relabelings", "scheme", "honorLabels"}
+RELABEL = {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}
+DURATION = re.compile(
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+    r"(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
+
+
+def test_service_monitor() -> None:
+    monitor = by_kind("ServiceMonitor")
+    service = by_kind("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["spec"]) <= SERVICE_MONITOR_SPEC
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= ENDPOINT
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics"
+    for duration in ("interval", "scrapeTimeout"):
+        assert DURATION.match(endpoint[duration]), endpoint[duration]
+    for relabel in endpoint["relabelings"]:
+        assert set(relabel) <= RELABEL
+    # The dashboards' "instance" is the QEMU host: the node, not the pod address.
+    assert {
+        "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+        "targetLabel": "instance",
+        "action": "replace",
+    } in endpoint["relabelings"]
+
+
+def test_prometheus_rule_shape() -> None:
+    rule = by_kind("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule["spec"]) == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules"}
+        for r in group["rules"]:
+            assert set(r) <= {"record", "alert", "expr", "for", "labels", "annotations"}
+            assert ("record" in r) != ("alert" in r)
+            if "for" in r:
+                assert DURATION.match(r["for"]), r["for"]
+
+
+def test_every_resource_lives_in_the_namespace() -> None:
+    namespace = by_kind("Namespace")["metadata"]["name"]
+    for path, doc in resources():
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == namespace, path.name
+    assert load_yaml(KUBE / "kustomization.yaml")["namespace"] == namespace
