@@ -8,7 +8,6 @@ glob, a listen socket); ``Reclaimd.stop`` shuts down in two phases like uvicorn:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -161,7 +160,18 @@ class Reclaimd:
         tracker.budget = tracker.cadence.budget = self.settings.scan_budget / max(
             1, len(self.fleet)
         )
-        await tracker.update(vm, conn)
+        try:
+            await tracker.update(vm, conn)
+        except (QMPSessionError, asyncio.CancelledError):
+            raise  # the session handles its own connection's trouble
+        except Exception as exc:
+            # A bug in the host view must never cost the VM its QMP session.
+            log.exception("host view of %s failed", vm.name)
+            vm.extras["host"] = {
+                "available": False,
+                "problem": "internal_error",
+                "problem_detail": f"{type(exc).__name__}: {exc}",
+            }
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)
@@ -199,14 +209,3 @@ class Reclaimd:
             raise
         vm.balloon.target_bytes = target_bytes
         record(self.journal, name, "request", "balloon", data)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> Any:
-    """``async with running(settings) as daemon``: start, yield, stop."""
-    daemon = Reclaimd(settings)
-    await daemon.start()
-    try:
-        yield daemon
-    finally:
-        await daemon.stop()

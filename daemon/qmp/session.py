@@ -139,7 +139,6 @@ class Session:
             self.vm.events_dropped = conn.events_dropped
             self._set(SessionState.DISCONNECTED, cause)
             if attached:
-                self.vm.up = False
                 record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
 
     def _on_attached(self) -> None:
