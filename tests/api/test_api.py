@@ -173,8 +173,7 @@ async def test_metrics_follow_the_fleet(
     assert 'qemu_vm_up{vm="vm1"} 1.0' in text
     assert (
         'qemu_vm_info{attach="connect",qemu_version="7.2.22",'
-        'uuid="5f1d9f5c-1111-4222-8333-444455556666",vm="vm1"} 1.0'
-        in text
+        'uuid="5f1d9f5c-1111-4222-8333-444455556666",vm="vm1"} 1.0' in text
     )
     assert "reclaimd_build_info{" in text
     assert 'reclaimd_qmp_commands_total{command="query-balloon",outcome="ok"}' in text
