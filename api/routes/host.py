@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
 from api.deps import DaemonDep, VMDep
 from api.schemas import Problem, RangePage, ReportedRangeOut
+from daemon.ledger.estimate import what_if
+from daemon.model import MAX_PAGE_ORDER
 
 router = APIRouter(prefix="/api/v1/vms", tags=["host"])
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
@@ -35,9 +38,19 @@ async def reported_ranges(
 
 
 @router.get("/{name}/estimate", responses=NOT_FOUND)
-async def get_estimate(vm: VMDep) -> dict[str, Any]:
+async def get_estimate(
+    vm: VMDep,
+    daemon: DaemonDep,
+    order: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_PAGE_ORDER, description="what-if: another page_reporting_order"),
+    ] = None,
+) -> dict[str, Any]:
     """The reclaim estimate, component by component, with sources and input ages."""
-    estimate = vm.extras.get("estimate")
-    if not isinstance(estimate, dict):
+    tracker = daemon.trackers.get(vm.name)
+    if tracker is None or tracker.last is None:
         return {"vm": vm.name, "components": None, "problem": "no estimate yet"}
-    return {"vm": vm.name, **estimate}
+    body: dict[str, Any] = {"vm": vm.name, **tracker.last.as_dict()}
+    if order is not None:
+        body["what_if"] = asdict(what_if(tracker.last, order))
+    return body

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from daemon.guest_stats import GuestStats
 from daemon.ledger.ranges import LedgerSummary, ReportingFacts
+from daemon.model import MAX_PAGE_ORDER, extra_reportable, pageblock_order, upstream_report_time
 
 Source = Literal["observed", "steady-state", "modelled"]
 MiB = 1 << 20
@@ -199,3 +200,43 @@ def _age(inputs: Inputs) -> float | None:
 def _oldest(*ages: float | None) -> float | None:
     known = [a for a in ages if a is not None]
     return max(known) if known else None
+
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """What another ``page_reporting_order`` would change, from the fitted free split."""
+
+    order: int
+    reporting_order: int
+    extra_reportable_bytes: int | None
+    pending_report_seconds: float | None  # until today's reportable memory is reported
+    source: Source = "modelled"
+    assumption: str = (
+        "free memory below the reporting order is spread evenly over the smaller orders "
+        "(the allocator model's default fit); reported and reportable memory sits at the "
+        "reporting order"
+    )
+    reason: str | None = None
+
+
+def what_if(result: Estimate, order: int, reporting_order: int = pageblock_order) -> WhatIf:
+    """Memory that reporting at ``order`` would return beyond ``reporting_order``, and how long
+    upstream reporting needs for what is pending now (capacity 32, budget, 2 s delay)."""
+    comps = result.components
+    stranded, reportable = comps["stranded"].bytes, comps["reportable"].bytes
+    reported = comps["reported"].bytes
+    if stranded is None or reportable is None or reported is None:
+        missing = next(c.reason for c in (comps["stranded"], comps["reported"]) if c.reason)
+        return WhatIf(order, reporting_order, None, None, reason=missing)
+    by_order = [0] * (MAX_PAGE_ORDER + 1)
+    below = stranded // PAGE
+    for o in range(reporting_order):
+        by_order[o] = below // reporting_order
+    by_order[reporting_order] = (reported + reportable) // PAGE
+    extra = extra_reportable(by_order, reporting_order, order) * PAGE
+    block = PAGE << reporting_order
+    pending = upstream_report_time(reportable // block, (reported + reportable) // block)
+    return WhatIf(order, reporting_order, extra, pending)

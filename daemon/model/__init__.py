@@ -1,1 +1,163 @@
+"""The allocator model: the Linux buddy allocator with free page reporting, simulated.
 
+Pure and deterministic: no I/O, no asyncio, no wall clock. Identical configurations and seeds
+give identical runs. Kernel names are kept so the code can be read against mm/page_alloc.c and
+mm/page_reporting.c.
+
+Stable façade
+=============
+
+Running a guest (``daemon.simguest``, benchmarks, ``reclaimd simulate``)::
+
+    from daemon.model import Simulation, SimConfig, make_workload
+
+    sim = Simulation(SimConfig(ram_bytes=4 << 30, engine="upstream", order=9, seed=1,
+                               keep_log=True),
+                     make_workload("pagecache"))
+    sim.on_alloc.append(lambda pfn, order: ...)        # every allocation, as it happens
+    sim.on_report.append(lambda pfn, order, t: ...)    # every reported block, at sim time t
+    sim.advance_to(12.5)                               # simulated seconds; call with real time
+    log = sim.drain_log()                              # SimLog: allocated, freed, reported
+    taken = sim.balloon.inflate(1024)                  # PFNs taken (order-0 pages)
+    given = sim.balloon.deflate(512)                   # PFNs given back
+    stats = sim.stats()                                # GuestStats: stat_free_memory, ...
+    truth = sim.page_states()                          # per page: PAGE_USED/FREE/REPORTED/...
+
+* ``SimConfig(ram_bytes, engine="upstream" | "boundary" | "bitmap" | "perpage" | "isolate" |
+  "naive" | None, order=9, ncpus=2, seed=0, reserve=True, single_zone=False,
+  sample_interval=1.0, keep_log=False)``. RAM is rounded down to 4 MiB; ``reserve`` keeps
+  firmware, a kernel image and the memmap out of the allocator as a boot does.
+* ``Simulation.alloc_pages(order, mt=MIGRATE_MOVABLE, cpu=0) -> pfn`` (-1 when out of memory)
+  and ``free_pages(pfn, order, cpu=0)``: what workloads use; every allocation is a touch, so
+  the host refaults pages it had discarded.
+* ``Simulation.advance_to(t)`` / ``run(seconds, progress=None)``: the only ways time moves.
+* ``Simulation.balloon``: ``inflate(n) -> list[int]`` allocates ``n`` order-0 movable pages
+  (fewer if memory runs out) and hands them to the host; ``deflate(n) -> list[int]`` frees the
+  most recently inflated pages. (Kernels that balloon pageblock-order pages are not modelled.)
+* ``Simulation.stats() -> GuestStats``: the virtio-balloon statistics a Linux guest reports
+  (``stat_free_memory``, ``stat_total_memory``, ``stat_available_memory``, ``stat_disk_caches``,
+  ``stat_major_faults``, ``stat_minor_faults``), in bytes and counts. The ``pagecache``
+  workload keeps reclaimable cache, so available exceeds free.
+* ``Simulation.page_states() -> uint8 array``: ground truth per page (``PAGE_USED``,
+  ``PAGE_FREE``, ``PAGE_REPORTED``, ``PAGE_BALLOONED``); ``block_states(states, order)`` folds
+  it to blocks of any order.
+* ``Simulation.result() -> dict``: engine cost counters, host counters, time series; JSON-ready.
+* ``sim.host`` (``Host``): what the hypervisor backs; ``sim.alloc`` (``BuddyAllocator``): the
+  allocator itself, with ``free_pages_by_order()``.
+
+The reclaim estimate (``daemon.ledger``) uses the pure functions of ``estimate``:
+``free_pages_by_order(alloc)``, ``split_free(by_order, order) -> FreeSplit(reportable_pages,
+stranded_pages)``, ``reportable_by_order(by_order)``, ``extra_reportable(by_order, current,
+other)``, ``upstream_passes(pending_blocks, nr_free)``, ``upstream_report_time(pending_blocks,
+nr_free, capacity=32, delay=2.0)``, ``replay_ranges(total_pages, ranges)`` and
+``fit_free(alloc, free_pages, reporting_order, profile=None)``.
+
+Modules: ``constants`` (kernel constants), ``clock`` (simulated time), ``zones`` (layout and
+watermarks), ``buddy`` (the allocator), ``engines`` (reporting designs), ``host`` (discards and
+refaults), ``pagecache``, ``stats``, ``workloads`` (generators and trace replay), ``simulation``
+(the façade), ``estimate`` (what-ifs), ``checks`` (invariants), ``cli`` and ``plot``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from .buddy import AllocationError, BuddyAllocator
+from .clock import SimClock
+from .constants import (
+    MAX_PAGE_ORDER,
+    MIGRATE_MOVABLE,
+    MIGRATE_RECLAIMABLE,
+    MIGRATE_UNMOVABLE,
+    PAGE_REPORTING_CAPACITY,
+    PAGE_REPORTING_DELAY,
+    PAGE_SIZE,
+    pageblock_order,
+)
+from .engines import ENGINES, CostCounters, Engine, make_engine
+from .estimate import (
+    FreeFit,
+    FreeSplit,
+    extra_reportable,
+    fit_free,
+    free_pages_by_order,
+    replay_ranges,
+    reportable_by_order,
+    split_free,
+    upstream_passes,
+    upstream_report_time,
+)
+from .host import Host
+from .simulation import (
+    PAGE_BALLOONED,
+    PAGE_FREE,
+    PAGE_REPORTED,
+    PAGE_USED,
+    Balloon,
+    SimConfig,
+    SimLog,
+    Simulation,
+)
+from .stats import GuestStats
+from .workloads import WORKLOADS, TraceWorkload, make_workload, parse_trace
+
+
+def block_states(states: npt.NDArray[np.uint8], order: int) -> npt.NDArray[np.uint8]:
+    """Fold per-page ground truth to blocks of ``2**order`` pages.
+
+    A block is FREE or REPORTED only if every page in it is; BALLOONED if any page is ballooned
+    and none is used; otherwise USED.
+    """
+    blocks = states.reshape(-1, 1 << order)
+    out = np.full(blocks.shape[0], PAGE_USED, dtype=np.uint8)
+    free_like = (blocks == PAGE_FREE) | (blocks == PAGE_REPORTED)
+    out[free_like.all(axis=1)] = PAGE_FREE
+    out[(blocks == PAGE_REPORTED).all(axis=1)] = PAGE_REPORTED
+    ballooned = (blocks == PAGE_BALLOONED).any(axis=1) & ~(blocks == PAGE_USED).any(axis=1)
+    out[ballooned] = PAGE_BALLOONED
+    return out
+
+
+__all__ = [
+    "ENGINES",
+    "MAX_PAGE_ORDER",
+    "MIGRATE_MOVABLE",
+    "MIGRATE_RECLAIMABLE",
+    "MIGRATE_UNMOVABLE",
+    "PAGE_BALLOONED",
+    "PAGE_FREE",
+    "PAGE_REPORTED",
+    "PAGE_REPORTING_CAPACITY",
+    "PAGE_REPORTING_DELAY",
+    "PAGE_SIZE",
+    "PAGE_USED",
+    "WORKLOADS",
+    "AllocationError",
+    "Balloon",
+    "BuddyAllocator",
+    "CostCounters",
+    "Engine",
+    "FreeFit",
+    "FreeSplit",
+    "GuestStats",
+    "Host",
+    "SimClock",
+    "SimConfig",
+    "SimLog",
+    "Simulation",
+    "TraceWorkload",
+    "block_states",
+    "extra_reportable",
+    "fit_free",
+    "free_pages_by_order",
+    "make_engine",
+    "make_workload",
+    "pageblock_order",
+    "parse_trace",
+    "replay_ranges",
+    "reportable_by_order",
+    "split_free",
+    "upstream_passes",
+    "upstream_report_time",
+]

@@ -1,0 +1,49 @@
+"""Free page reporting engines: every design discussed when the feature was reviewed.
+
+Each engine attaches to a ``BuddyAllocator`` and a ``SimClock``, reports ranges through a sink
+and counts its work in ``CostCounters``. ``ENGINES`` maps the CLI names to the classes.
+"""
+
+from __future__ import annotations
+
+from .base import CostCounters, Engine, ReportSink
+from .bitmap import BitmapEngine
+from .isolate import IsolateEngine
+from .perpage import PerPageEngine
+from .upstream import UpstreamEngine
+from .v10 import BoundaryEngine, NaiveEngine
+
+ENGINES: dict[str, type[Engine]] = {
+    e.name: e
+    for e in (
+        UpstreamEngine,
+        BoundaryEngine,
+        BitmapEngine,
+        PerPageEngine,
+        IsolateEngine,
+        NaiveEngine,
+    )
+}
+
+
+def make_engine(name: str, order: int) -> Engine:
+    try:
+        cls = ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
+    return cls(order=order)
+
+
+__all__ = [
+    "ENGINES",
+    "BitmapEngine",
+    "BoundaryEngine",
+    "CostCounters",
+    "Engine",
+    "IsolateEngine",
+    "NaiveEngine",
+    "PerPageEngine",
+    "ReportSink",
+    "UpstreamEngine",
+    "make_engine",
+]

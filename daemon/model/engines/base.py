@@ -1,0 +1,84 @@
+"""What every reporting engine shares: its attachment to the model and its cost counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from ..buddy import BuddyAllocator
+from ..clock import SimClock
+from ..constants import pageblock_order
+
+# Receives one device call's worth of blocks, (pfn, order) each, while they are isolated.
+ReportSink = Callable[[list[tuple[int, int]]], None]
+
+
+@dataclass
+class CostCounters:
+    """The work an engine does, in the units the reviewers asked about."""
+
+    visited: int = 0  # free-list entries, bitmap bits or hints examined
+    visited_locked: int = 0  # ... of which while holding the zone lock
+    lock_acquisitions: int = 0  # zone lock taken by the reporting code
+    reports: int = 0  # calls into the device (each one a host exit)
+    blocks_reported: int = 0
+    pages_reported: int = 0
+    hints: int = 0  # hints produced on the free path (bitmap bits, captured hints, per-page)
+    hints_lost: int = 0  # hints whose block was no longer free when processed, or dropped
+    reallocated_before_host: int = 0  # reports whose pages were reused before the host acted
+    passes: int = 0  # worker runs
+    isolate_failures: int = 0  # __isolate_free_page refused by the min watermark
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Engine:
+    """Base class. Subclasses set ``name`` and implement ``_install``.
+
+    ``order`` is the reporting order (``page_reporting_order``); ``attach`` hooks the engine into
+    an allocator and a clock and registers it, which, as in the kernel, requests a first pass.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, order: int = pageblock_order) -> None:
+        self.order = order
+        self.counters = CostCounters()
+        self._alloc: BuddyAllocator | None = None
+        self._clock: SimClock | None = None
+        self._sink: ReportSink | None = None
+
+    @property
+    def alloc(self) -> BuddyAllocator:
+        if self._alloc is None:
+            raise RuntimeError(f"engine {self.name} is not attached")
+        return self._alloc
+
+    @property
+    def clock(self) -> SimClock:
+        if self._clock is None:
+            raise RuntimeError(f"engine {self.name} is not attached")
+        return self._clock
+
+    def attach(self, alloc: BuddyAllocator, clock: SimClock, sink: ReportSink) -> None:
+        if self._alloc is not None:
+            raise RuntimeError(f"engine {self.name} is already attached")
+        self._alloc = alloc
+        self._clock = clock
+        self._sink = sink
+        self._install()
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def _report(self, batch: list[tuple[int, int]]) -> None:
+        """prdev->report(): one device call for the whole batch."""
+        c = self.counters
+        c.reports += 1
+        c.blocks_reported += len(batch)
+        c.pages_reported += sum(1 << order for _, order in batch)
+        if self._sink is not None:
+            self._sink(batch)

@@ -1,0 +1,167 @@
+"""Each alternative engine shows its defining behaviour."""
+
+from __future__ import annotations
+
+from daemon.model import MIGRATE_MOVABLE
+from daemon.model.checks import check_invariants
+from daemon.model.constants import (
+    MAX_PAGE_ORDER,
+    MIGRATE_ISOLATE,
+    PG_REPORTED,
+)
+from daemon.model.engines import BoundaryEngine, NaiveEngine
+
+from .helpers import small_sim
+
+BLOCKS = 256
+
+
+def test_boundary_walks_each_list_about_twice_while_naive_rewalks() -> None:
+    boundary = small_sim("boundary")
+    naive = small_sim("naive")
+    for sim in (boundary, naive):
+        sim.advance_to(1.0)
+        # v10 has no budget: the whole zone is reported in the first pass, 0.1 s after boot.
+        assert sim.host.reported_pages == BLOCKS << MAX_PAGE_ORDER
+        check_invariants(sim.alloc)
+    assert boundary.engine is not None and naive.engine is not None
+    b = boundary.engine.counters.visited
+    n = naive.engine.counters.visited
+    assert b <= 2 * BLOCKS + 8
+    # naive: each search walks back over every block reported by the earlier batches
+    # (32 per batch): 32 * 32 * (0 + 1 + ... + 7) = 28672 skips, plus the 256 finds.
+    batches = BLOCKS // 32
+    assert n >= 32 * 32 * batches * (batches - 1) // 2 + BLOCKS
+    assert boundary.engine.counters.pages_reported == naive.engine.counters.pages_reported
+
+
+def test_tail_insertion_stops_at_the_boundary_and_removal_pushes_it_back() -> None:
+    sim = small_sim("boundary")
+    sim.advance_to(1.0)
+    alloc = sim.alloc
+    engine = sim.engine
+    assert isinstance(engine, BoundaryEngine)
+    engine.active[0] = True  # as in the middle of a pass
+    lid = alloc.list_id(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE)
+    entries = list(alloc.iter_list(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE))
+    boundary_page, after, moved = entries[100], entries[101], entries[-1]
+    alloc.boundary[lid] = boundary_page
+    # A tail insertion (putback uses FPI_TO_TAIL) lands just in front of the boundary.
+    assert alloc.isolate_free_page(moved, MAX_PAGE_ORDER)
+    alloc.putback_isolated_page(moved, MAX_PAGE_ORDER)
+    entries = list(alloc.iter_list(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE))
+    assert entries.index(moved) == entries.index(boundary_page) - 1
+    # Allocating the page at the boundary pushes the boundary to the next entry.
+    assert alloc.alloc_at(boundary_page, MAX_PAGE_ORDER)
+    assert alloc.boundary[lid] == after
+    check_invariants(alloc)
+
+
+def test_boundary_bulk_move_resets_the_list_boundary() -> None:
+    sim = small_sim("boundary")
+    sim.advance_to(1.0)
+    alloc = sim.alloc
+    engine = sim.engine
+    assert isinstance(engine, BoundaryEngine)
+    engine.active[0] = True
+    lid = alloc.list_id(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE)
+    first = next(alloc.iter_list(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE))
+    alloc.boundary[lid] = first
+    alloc.move_freepages_block(first, 0)  # a steal-like bulk move to unmovable
+    assert alloc.boundary[lid] == alloc.total_pages + lid
+    assert engine.boundary_resets >= 1
+
+
+def test_boundary_notifies_only_past_the_high_water_mark() -> None:
+    sim = small_sim("boundary", keep_log=True)
+    sim.advance_to(1.0)
+    assert sim.engine is not None
+    passes = sim.engine.counters.passes
+    held = [sim.alloc_pages(MAX_PAGE_ORDER) for _ in range(64)]
+    for pfn in held[:31]:
+        sim.free_pages(pfn, MAX_PAGE_ORDER)
+    sim.advance_to(5.0)
+    # nr_free(10) = 192 + 31 < 192 reported + 32: no request.
+    assert sim.engine.counters.passes == passes
+    sim.free_pages(held[31], MAX_PAGE_ORDER)
+    sim.advance_to(10.0)
+    assert sim.engine.counters.passes == passes + 1
+    assert sorted(p for p, _, _ in sim.log.reported[-32:]) == sorted(held[:32])
+
+
+def test_naive_is_the_boundary_code_without_the_boundary() -> None:
+    assert issubclass(NaiveEngine, BoundaryEngine)
+    sim = small_sim("naive")
+    sim.advance_to(1.0)
+    alloc = sim.alloc
+    # No boundary is ever kept: every list's boundary is its list_head.
+    assert alloc.boundary == list(range(alloc.total_pages, alloc.total_pages + alloc.nr_lists))
+
+
+def test_bitmap_loses_hints_for_reallocated_blocks_and_locks_per_find() -> None:
+    sim = small_sim("bitmap", keep_log=True)
+    sim.advance_to(10.0)
+    engine = sim.engine
+    assert engine is not None
+    c = engine.counters
+    assert sim.host.reported_pages == BLOCKS << MAX_PAGE_ORDER
+    held = [sim.alloc_pages(MAX_PAGE_ORDER) for _ in range(40)]
+    locks, lost, visited = c.lock_acquisitions, c.hints_lost, c.visited
+    for pfn in held:
+        sim.free_pages(pfn, MAX_PAGE_ORDER)
+    again = [sim.alloc_pages(MAX_PAGE_ORDER) for _ in range(10)]  # before the scan
+    sim.advance_to(20.0)
+    assert c.hints_lost - lost == 10
+    assert set(again) <= set(held)
+    reported = {p for p, _, _ in sim.log.reported}
+    assert not reported & set(again) - set(held[: len(held)])  # reallocated ones were skipped
+    # one lock per set bit, plus one per batch drained
+    assert c.lock_acquisitions - locks >= 40
+    # the scan reads the whole bitmap (256 bits), not just the 40 hints
+    assert c.visited - visited >= BLOCKS
+
+
+def test_perpage_hints_every_free_and_refaults_on_reuse() -> None:
+    sim = small_sim("perpage")
+    engine = sim.engine
+    assert engine is not None
+    c = engine.counters
+    pages = [sim.alloc_pages(0) for _ in range(100)]
+    for pfn in pages:
+        sim.free_pages(pfn, 0)
+    assert c.hints == 100
+    again = [sim.alloc_pages(0) for _ in range(30)]  # from the per-CPU list, before the host
+    sim.advance_to(0.5)
+    assert c.reallocated_before_host == 30
+    assert c.pages_reported == 70
+    assert c.lock_acquisitions == 0
+    refaults = sim.host.counters.refaults
+    more = [sim.alloc_pages(0) for _ in range(20)]
+    assert sim.host.counters.refaults - refaults == 20
+    assert set(more) <= set(pages) - set(again)
+
+
+def test_isolate_blocks_pageblocks_then_restores_them() -> None:
+    sim = small_sim("isolate", keep_log=True)
+    sim.advance_to(10.0)
+    alloc = sim.alloc
+    engine = sim.engine
+    assert engine is not None
+    held = [sim.alloc_pages(9) for _ in range(8)]
+    alloc.drain_all_pages()
+    lost = engine.counters.hints_lost
+    for pfn in held:
+        sim.free_pages(pfn, 9)
+    alloc.drain_all_pages()
+    back = sim.alloc_pages(9)
+    alloc.drain_all_pages()
+    sim.advance_to(20.0)
+    assert engine.counters.hints_lost >= lost + 1 or back not in held
+    # No pageblock is left isolated, and what was reported is flagged and free.
+    assert MIGRATE_ISOLATE not in alloc.pb_mt_arr.tolist()
+    for pfn, _order, t in sim.log.reported:
+        if t > 10.0:
+            head = alloc.free_block_containing(pfn)
+            assert head >= 0
+    assert any(alloc._fl[p] & PG_REPORTED for p, _, t in sim.log.reported if t > 10.0)
+    check_invariants(alloc)
