@@ -237,3 +237,24 @@ async def test_broken_monitors_never_delay_the_api_or_other_vms(
         state = daemon.fleet.get(name)
         assert state is not None and not state.up, name
         assert state.last_error, name
+
+
+async def test_estimate_and_ranges_say_why_without_a_host_view(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    # The fake monitor has no x-query-ramblock: the host cannot locate guest RAM.
+    await attach(daemon, await fake_qmp())
+    await eventually(lambda: "estimate" in daemon.fleet.get("vm1").extras)  # type: ignore[union-attr]
+    estimate = (await client.get("/api/v1/vms/vm1/estimate")).json()
+    components = estimate["components"]
+    assert components["ballooned"]["bytes"] == 0
+    assert components["reported"]["bytes"] is None
+    assert "x-query-ramblock" in components["reported"]["reason"]
+    what_if = (await client.get("/api/v1/vms/vm1/estimate", params={"order": 5})).json()
+    assert what_if["what_if"]["order"] == 5 and what_if["what_if"]["extra_reportable_bytes"] is None
+    assert (await client.get("/api/v1/vms/vm1/estimate", params={"order": 11})).status_code == 422
+    ranges = (await client.get("/api/v1/vms/vm1/reported-ranges")).json()
+    assert ranges["ranges"] == [] and "x-query-ramblock" in ranges["problem"]
+    text = (await client.get("/metrics")).text
+    assert 'qemu_reclaimable_bytes{component="ballooned",vm="vm1"} 0.0' in text
+    assert 'component="reported"' not in text  # unknown is absent, never a made-up 0

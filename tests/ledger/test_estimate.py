@@ -177,3 +177,21 @@ def test_components_never_double_count(
         assert c["reportable"] + c["stranded"] == c["free_resident"]
     if c["reclaimable"] is not None:
         assert 0 <= c["reclaimable"] <= (c["free_resident"] or 0) + (c["cache"] or 0)
+
+
+def test_what_if_another_order() -> None:
+    from daemon.ledger.estimate import what_if
+
+    e = estimate(inputs())  # settled: 200 MiB stranded, 300 MiB reported, nothing pending
+    same = what_if(e, 9)
+    assert same.extra_reportable_bytes == 0 and same.pending_report_seconds == 0
+    lower = what_if(e, 5)
+    # Stranded memory is spread over orders 0..8 evenly; orders 5..8 hold 4/9 of it.
+    assert lower.extra_reportable_bytes is not None
+    assert abs(lower.extra_reportable_bytes - 200 * MiB * 4 / 9) < 64 * 1024
+    assert lower.source == "modelled" and lower.assumption
+    busy = facts(rise=200 * MiB, last=NOW - 1, window=SETTLE_SECONDS)
+    pending = what_if(estimate(inputs(recent=busy, steady_stranded=0)), 9)
+    # 200 MiB pending in 2 MiB blocks with 250 free: one pass (budget 1 -> 64 blocks a pass)
+    # is not enough: 100 blocks need two passes of the 2 s worker.
+    assert pending.pending_report_seconds == 4.0
