@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import DEFAULT_PORT, ConfigError, load_settings, parse_vm_flag
+from daemon.model import cli as model_cli
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     vms.add_argument("--timeout", type=float, default=5.0)
     vms.set_defaults(func=_vms)
 
+    model_cli.register(sub)
     _register_optional(sub)
     return parser
 
@@ -129,7 +131,7 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     import importlib
     import importlib.util
 
-    for module in ("daemon.demo", "daemon.model.cli"):
+    for module in ("daemon.demo",):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
 
