@@ -1,0 +1,56 @@
+"""Configuration: file, environment and flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Address, ConfigError, load_settings, parse_vm_flag
+
+
+def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RECLAIMD_LISTEN", "RECLAIMD_TOKEN", "RECLAIMD_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    settings = load_settings()
+    assert settings.listen_host == "127.0.0.1"
+    assert settings.token is None
+
+
+def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "reclaimd.toml"
+    config.write_text(
+        'listen = "127.0.0.1:1111"\npoll_interval = 7\n'
+        '[[vm]]\nname = "web1"\naddress = "unix:/run/qemu/web1.qmp"\nmode = "poll"\n'
+    )
+    monkeypatch.setenv("RECLAIMD_POLL_INTERVAL", "3")
+    settings = load_settings(config, listen="127.0.0.1:2222")
+    assert settings.listen_port == 2222  # flag beats file
+    assert settings.poll_interval == 3  # environment beats file
+    assert settings.vm[0].name == "web1" and settings.vm[0].mode == "poll"
+
+
+def test_bad_inputs_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECLAIMD_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="No such file"):
+        load_settings(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("listen = \n")
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="token must be at least 16"):
+        load_settings(token="short")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        load_settings(listen="nowhere")
+    with pytest.raises(ConfigError, match="expected NAME=ADDRESS"):
+        parse_vm_flag("justaname")
+    with pytest.raises(ConfigError, match="unix:/path or tcp:host:port"):
+        parse_vm_flag("a=/run/x.qmp")
+
+
+def test_addresses() -> None:
+    assert Address.parse("unix:/run/q.sock").target == "/run/q.sock"
+    assert Address.parse("tcp:[::1]:4444").target == ("::1", 4444)
+    assert parse_vm_flag("pve=poll+unix:/var/run/qemu-server/101.qmp").mode == "poll"
+    with pytest.raises(ConfigError):
+        Address.parse("tcp:host:99999")
