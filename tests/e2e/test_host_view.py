@@ -175,3 +175,25 @@ def test_no_permission_is_a_clear_reason(
     assert estimate["components"]["reported"]["bytes"] is None
     assert "permission" in estimate["components"]["reported"]["reason"]
     assert rd.get("/api/v1/vms/np")["guest_stats"]["free_bytes"]  # QMP data still served
+
+
+def test_ineffective_reporting_is_detected(
+    boot_guest: BootGuest, reclaimd: Callable[..., ReclaimdProcess], short_dir: Path
+) -> None:
+    # With page poisoning on in the guest, QEMU acknowledges free page reports but discards
+    # nothing (hw/virtio/virtio-balloon.c skips reported pages when poison_val != 0).
+    guest, rd = boot_attached(
+        boot_guest, reclaimd, short_dir, name="pp", kernel_args=("page_poison=1",)
+    )
+    assert rd.get("/api/v1/vms/pp")["balloon"]["free_page_reporting"] is True
+    guest.send("alloc 200")
+    settle(rd, "pp", time.time())
+    guest.send("free")
+    estimate = rd.wait_for(
+        lambda: (e := rd.get("/api/v1/vms/pp/estimate"))["reporting_effective"] is False and e,
+        30,
+        "reporting to be found ineffective",
+    )
+    assert "discarded nothing" in estimate["reporting_note"]
+    assert host(rd, "pp")["reported_bytes"] < 8 * MiB
+    assert rd.metric("qemu_free_page_reporting_effective", vm="pp") == 0
