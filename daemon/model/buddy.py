@@ -10,8 +10,9 @@ no Python object per page:
 * ``order`` (uint8): the order of the block a head page starts.
 
 That is 10 bytes per page plus one byte per pageblock. The hot paths index the arrays through
-``memoryview`` objects, which Python indexes about twice as fast as numpy scalars; whole-array
-questions (free pages by order, ground truth per page) use numpy views of the same memory.
+``memoryview`` objects (int32) and ``bytearray`` objects (uint8), which Python indexes two to
+three times as fast as numpy scalars; whole-array questions (free pages by order, ground truth
+per page) use numpy views of the same memory.
 
 Kernel behaviour kept, by function:
 
@@ -35,15 +36,15 @@ Kernel behaviour kept, by function:
 Left out on purpose: NUMA, CMA, highatomic reserves, page shuffling (off by default), guard
 pages, compaction and the PCI hole (see zones.py).
 
-Page reporting engines plug in through ``notify_free`` (end of ``__free_one_page``),
-``free_hook`` (``arch_free_page``) and ``bulk_move_hook`` (list manipulations in bulk); the v10
-``reported_boundary`` pointers live here, as they did in page_alloc.c.
+Page reporting engines plug in through ``notify_free`` (end of ``__free_one_page``) and
+``free_hook`` (``arch_free_page``); the v10 ``reported_boundary`` pointers live here, as they did
+in page_alloc.c.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -78,10 +79,10 @@ PB_SHIFT = pageblock_order
 PCP_ORDERS = (0, 1, 2, 3, pageblock_order)
 ORDER_TO_SLOT = tuple(PCP_ORDERS.index(o) if o in PCP_ORDERS else -1 for o in range(NR_PAGE_ORDERS))
 NR_PCP_LISTS = len(PCP_ORDERS) * MIGRATE_PCPTYPES
+PCP_FLAGS = bytes((PG_PCP,)) * (1 << MAX_PAGE_ORDER)  # slices flag a refill's blocks at once
 
 NotifyFree = Callable[[int, int, int], None]  # (zone, pfn, order)
 FreeHook = Callable[[int, int], None]  # (pfn, order)
-BulkMoveHook = Callable[[int, int, int], None]  # (zone, order, migratetype) of a list moved in bulk
 ReclaimHook = Callable[[int], int]  # (pages wanted) -> pages freed
 
 
@@ -115,24 +116,25 @@ class BuddyAllocator:
         sentinels = np.arange(n, n + self.nr_lists, dtype=np.int32)
         self.next_arr[n:] = sentinels
         self.prev_arr[n:] = sentinels
-        self.flags_arr = np.zeros(n, dtype=np.uint8)
-        self.order_arr = np.zeros(n, dtype=np.uint8)
+        # The byte arrays live in bytearrays, which Python indexes faster than memoryviews;
+        # the numpy arrays are views of the same memory.
+        self._fl = bytearray(n)
+        self._od = bytearray(n)
         npb = n >> PB_SHIFT
-        self.pb_mt_arr = np.full(npb, MIGRATE_MOVABLE, dtype=np.uint8)
-        self.pb_zone_arr = np.zeros(npb, dtype=np.uint8)
+        self._pbmt = bytearray([MIGRATE_MOVABLE]) * npb
+        self._pbz = bytearray(npb)
+        self.flags_arr = np.frombuffer(self._fl, dtype=np.uint8)
+        self.order_arr = np.frombuffer(self._od, dtype=np.uint8)
+        self.pb_mt_arr = np.frombuffer(self._pbmt, dtype=np.uint8)
+        self.pb_zone_arr = np.frombuffer(self._pbz, dtype=np.uint8)
         for z in self.zones:
             self.pb_zone_arr[z.start_pfn >> PB_SHIFT : z.end_pfn >> PB_SHIFT] = z.idx
         self._nx = self.next_arr.data
         self._pv = self.prev_arr.data
-        self._fl = self.flags_arr.data
-        self._od = self.order_arr.data
-        self._pbmt = self.pb_mt_arr.data
-        self._pbz = self.pb_zone_arr.data
 
         # Counters: flat lists indexed by zone * NR_PAGE_ORDERS + order, or by list id.
         self.nr_free = [0] * (nz * NR_PAGE_ORDERS)  # free_area[order].nr_free, all types
         self.nr_reported = [0] * (nz * NR_PAGE_ORDERS)  # blocks flagged PageReported
-        self.list_len = [0] * self.nr_lists
         self.zone_free = [0] * nz  # NR_FREE_PAGES: buddy pages outside isolated pageblocks
         # v10 reported_boundary: tail insertions go in front of this node; the sentinel when unset.
         self.boundary = list(range(n, n + self.nr_lists))
@@ -150,7 +152,6 @@ class BuddyAllocator:
         self.notify_free: NotifyFree | None = None
         self.notify_order = NR_PAGE_ORDERS  # notify only for final orders >= this
         self.free_hook: FreeHook | None = None
-        self.bulk_move_hook: BulkMoveHook | None = None
         self.reclaim_hook: ReclaimHook | None = None
 
         self._boot(reserved or [])
@@ -190,9 +191,7 @@ class BuddyAllocator:
                 )
                 while pfn + (1 << order) > hi:
                     order -= 1
-                self._free_one(
-                    pfn, order, z.idx, MIGRATE_MOVABLE, FPI_TO_TAIL | FPI_SKIP_REPORT_NOTIFY
-                )
+                self._free_one(pfn, order, z.idx, FPI_TO_TAIL | FPI_SKIP_REPORT_NOTIFY)
                 pfn += 1 << order
 
     # ------------------------------------------------------------------ list primitives
@@ -232,7 +231,6 @@ class BuddyAllocator:
         self._fl[pfn] = PG_BUDDY
         self._od[pfn] = order
         self.nr_free[zone * NR_PAGE_ORDERS + order] += 1
-        self.list_len[lid] += 1
 
     def _del(self, pfn: int, zone: int, order: int, mt: int) -> None:
         """__del_page_from_free_list(): unlink a block, clearing PageBuddy and PageReported."""
@@ -250,7 +248,6 @@ class BuddyAllocator:
             self.nr_reported[zone * NR_PAGE_ORDERS + order] -= 1
         self._fl[pfn] = 0
         self.nr_free[zone * NR_PAGE_ORDERS + order] -= 1
-        self.list_len[lid] -= 1
 
     def _move(self, pfn: int, zone: int, order: int, old_mt: int, new_mt: int) -> None:
         """move_to_free_list(): to the tail of another type's list, keeping PageReported."""
@@ -284,10 +281,17 @@ class BuddyAllocator:
 
     # ------------------------------------------------------------------ freeing
 
-    def _free_one(self, pfn: int, order: int, zone: int, mt: int, fpi: int) -> int:
-        """__free_one_page(): merge, place, notify. Returns the head PFN of the final block.
+    def _free_one(self, pfn: int, order: int, zone: int, fpi: int) -> int:
+        """__free_one_page() of one block; returns the head PFN of the final block."""
+        return self._free_blocks((pfn,), order, zone, fpi)
 
-        Hot path: list removal and insertion are written out (same effect as _del/_add).
+    def _free_blocks(self, pfns: Iterable[int], order: int, zone: int, fpi: int) -> int:
+        """__free_one_page() for each block in turn: merge, place, notify.
+
+        Every block is freed as its pageblock's migratetype (what every caller would pass).
+        Returns the head PFN of the last final block. Hot path (free_pcppages_bulk() hands over
+        whole batches): list removal and insertion are written out (same effect as _del/_add)
+        and the allocator's state is bound to locals once per batch.
         """
         fl = self._fl
         od = self._od
@@ -296,70 +300,85 @@ class BuddyAllocator:
         pbmt = self._pbmt
         boundary = self.boundary
         nr_free = self.nr_free
-        list_len = self.list_len
+        nr_reported = self.nr_reported
+        zone_free = self.zone_free
         n = self.total_pages
         zbase = zone * NR_PAGE_ORDERS
-        if mt != MIGRATE_ISOLATE:
-            self.zone_free[zone] += 1 << order
-        while order < MAX_PAGE_ORDER:
-            buddy = pfn ^ (1 << order)
-            if not fl[buddy] & PG_BUDDY or od[buddy] != order:
-                break
-            bmt = mt
-            if order >= pageblock_order:
-                bmt = pbmt[buddy >> PB_SHIFT]
-                if bmt != mt:
-                    if bmt == MIGRATE_ISOLATE or mt == MIGRATE_ISOLATE:
-                        break
-                    # 6.x: the buddy takes the freed type, so expand() later keeps lists clean
-                    first = buddy >> PB_SHIFT
-                    for pb in range(first, first + (1 << (order - pageblock_order))):
-                        pbmt[pb] = mt
-            nn = nx[buddy]
-            p = pv[buddy]
-            nx[p] = nn
-            pv[nn] = p
-            lid = (zbase + order) * MIGRATE_TYPES + bmt
-            if boundary[lid] == buddy:
-                boundary[lid] = nn
-            if fl[buddy] & PG_REPORTED:
-                self.nr_reported[zbase + order] -= 1
-            fl[buddy] = 0
-            nr_free[zbase + order] -= 1
-            list_len[lid] -= 1
-            pfn &= buddy
-            order += 1
-        if fpi & FPI_TO_TAIL:
-            to_tail = True
-        elif order < MAX_PAGE_ORDER - 1:
-            # buddy_merge_likely(): is the buddy of the next-higher block free at that order?
-            higher_buddy = (pfn & ~(1 << order)) ^ (1 << (order + 1))
-            to_tail = bool(fl[higher_buddy] & PG_BUDDY) and od[higher_buddy] == order + 1
-        else:
-            to_tail = False
-        lid = (zbase + order) * MIGRATE_TYPES + mt
-        if to_tail:
-            anchor = boundary[lid]
-            p = pv[anchor]
-            nx[p] = pfn
-            pv[pfn] = p
-            nx[pfn] = anchor
-            pv[anchor] = pfn
-        else:
-            s = n + lid
-            nn = nx[s]
-            nx[s] = pfn
-            pv[pfn] = s
-            nx[pfn] = nn
-            pv[nn] = pfn
-        fl[pfn] = PG_BUDDY
-        od[pfn] = order
-        nr_free[zbase + order] += 1
-        list_len[lid] += 1
-        if order >= self.notify_order and not fpi & FPI_SKIP_REPORT_NOTIFY:
-            notify = self.notify_free
-            if notify is not None:
-                notify(zone, pfn, order)
+        to_tail_always = bool(fpi & FPI_TO_TAIL)
+        notify = None if fpi & FPI_SKIP_REPORT_NOTIFY else self.notify_free
+        notify_order = self.notify_order
+        size = 1 << order
+        freed = 0  # NR_FREE_PAGES still to add, brought up to date before any notification
+        pfn = -1
+        for pfn in pfns:
+            fl[pfn] = 0
+            mt = pbmt[pfn >> PB_SHIFT]
+            if mt != MIGRATE_ISOLATE:
+                freed += size
+            o = order
+            ix = zbase + order  # index of (zone, o) in the per-order counters
+            bit = size
+            while o < MAX_PAGE_ORDER:
+                buddy = pfn ^ bit
+                f = fl[buddy]
+                if not f & PG_BUDDY or od[buddy] != o:
+                    break
+                lid = ix * MIGRATE_TYPES + mt
+                if o >= pageblock_order:
+                    bmt = pbmt[buddy >> PB_SHIFT]
+                    if bmt != mt:
+                        if bmt == MIGRATE_ISOLATE or mt == MIGRATE_ISOLATE:
+                            break
+                        lid = ix * MIGRATE_TYPES + bmt
+                        # 6.x: the buddy takes the freed type, so expand() later keeps lists clean
+                        first = buddy >> PB_SHIFT
+                        for pb in range(first, first + (1 << (o - pageblock_order))):
+                            pbmt[pb] = mt
+                nn = nx[buddy]
+                p = pv[buddy]
+                nx[p] = nn
+                pv[nn] = p
+                if boundary[lid] == buddy:
+                    boundary[lid] = nn
+                if f & PG_REPORTED:
+                    nr_reported[ix] -= 1
+                fl[buddy] = 0
+                nr_free[ix] -= 1
+                pfn &= buddy
+                o += 1
+                ix += 1
+                bit <<= 1
+            if to_tail_always:
+                to_tail = True
+            elif o < MAX_PAGE_ORDER - 1:
+                # buddy_merge_likely(): is the buddy of the next-higher block free at that order?
+                higher_buddy = (pfn & ~bit) ^ (bit << 1)
+                to_tail = fl[higher_buddy] & PG_BUDDY != 0 and od[higher_buddy] == o + 1
+            else:
+                to_tail = False
+            lid = ix * MIGRATE_TYPES + mt
+            if to_tail:
+                anchor = boundary[lid]
+                p = pv[anchor]
+                nx[p] = pfn
+                pv[pfn] = p
+                nx[pfn] = anchor
+                pv[anchor] = pfn
+            else:
+                s = n + lid
+                nn = nx[s]
+                nx[s] = pfn
+                pv[pfn] = s
+                nx[pfn] = nn
+                pv[nn] = pfn
+            fl[pfn] = PG_BUDDY
+            od[pfn] = o
+            nr_free[ix] += 1
+            if notify is not None and o >= notify_order:
+                zone_free[zone] += freed
+                freed = 0
+                notify(zone, pfn, o)
+        zone_free[zone] += freed
         return pfn
 
     def free_pages(self, pfn: int, order: int, cpu: int = 0) -> None:
@@ -367,10 +386,11 @@ class BuddyAllocator:
         fl = self._fl
         if fl[pfn] != PG_ALLOC or self._od[pfn] != order:
             raise AllocationError(f"free of pfn {pfn} order {order}: not an allocated block")
-        fl[pfn] = 0
-        self.allocated_pages -= 1 << order
+        size = 1 << order
+        self.allocated_pages -= size
         hook = self.free_hook
         if hook is not None:
+            fl[pfn] = 0  # no longer allocated while arch_free_page() looks at it
             hook(pfn, order)
         pb = pfn >> PB_SHIFT
         zone = self._pbz[pb]
@@ -378,12 +398,12 @@ class BuddyAllocator:
         slot = ORDER_TO_SLOT[order]
         if slot < 0 or mt == MIGRATE_ISOLATE:
             self.zone_lock_acquisitions += 1
-            self._free_one(pfn, order, zone, mt, 0)
+            self._free_one(pfn, order, zone, 0)
             return
         zc = zone * self.ncpus + cpu
         self.pcp_lists[zc * NR_PCP_LISTS + slot * MIGRATE_PCPTYPES + mt].append(pfn)
         fl[pfn] = PG_PCP
-        count = self.pcp_count[zc] + (1 << order)
+        count = self.pcp_count[zc] + size
         self.pcp_count[zc] = count
         if count >= self._pcp_high[zone]:
             self.free_pcppages_bulk(zone, cpu, self._pcp_batch[zone])
@@ -393,11 +413,10 @@ class BuddyAllocator:
         zc = zone * self.ncpus + cpu
         base = zc * NR_PCP_LISTS
         lists = self.pcp_lists
-        fl = self._fl
-        pbmt = self._pbmt
+        pcp_count = self.pcp_count
         self.zone_lock_acquisitions += 1
         pindex = self._pcp_rr[zc]
-        while count > 0 and self.pcp_count[zc] > 0:
+        while count > 0 and pcp_count[zc] > 0:
             for _ in range(NR_PCP_LISTS):
                 pindex = (pindex + 1) % NR_PCP_LISTS
                 if lists[base + pindex]:
@@ -405,12 +424,13 @@ class BuddyAllocator:
             lst = lists[base + pindex]
             order = PCP_ORDERS[pindex // MIGRATE_PCPTYPES]
             size = 1 << order
-            while count > 0 and lst:
-                pfn = lst.popleft()
-                count -= size
-                self.pcp_count[zc] -= size
-                fl[pfn] = 0
-                self._free_one(pfn, order, zone, pbmt[pfn >> PB_SHIFT], 0)
+            # Blocks are taken while pages are still owed: ceil(count / size), as many as listed.
+            nblocks = min(len(lst), -(-count // size))
+            popleft = lst.popleft
+            batch = [popleft() for _ in range(nblocks)]
+            count -= nblocks * size
+            pcp_count[zc] -= nblocks * size
+            self._free_blocks(batch, order, zone, 0)
         self._pcp_rr[zc] = pindex
 
     def drain_pages(self, cpu: int) -> None:
@@ -434,7 +454,6 @@ class BuddyAllocator:
         od = self._od
         n = self.total_pages
         nr_free = self.nr_free
-        list_len = self.list_len
         zbase = zone * NR_PAGE_ORDERS
         for current in range(order, NR_PAGE_ORDERS):
             lid = (zbase + current) * MIGRATE_TYPES + mt
@@ -451,7 +470,6 @@ class BuddyAllocator:
                 self.nr_reported[zbase + current] -= 1
             fl[pfn] = 0
             nr_free[zbase + current] -= 1
-            list_len[lid] -= 1
             size = 1 << current
             while current > order:
                 current -= 1
@@ -467,7 +485,6 @@ class BuddyAllocator:
                 fl[half] = PG_BUDDY
                 od[half] = current
                 nr_free[zbase + current] += 1
-                list_len[lid] += 1
             self.zone_free[zone] -= 1 << order
             return pfn
         return -1
@@ -517,7 +534,6 @@ class BuddyAllocator:
             for pb in range(first, first + (1 << (found_order - pageblock_order))):
                 self._pbmt[pb] = start_mt
             self._move(found, zone, found_order, found_mt, start_mt)
-            self._bulk_moved(zone, found_order, found_mt, start_mt)
             return self._rmqueue_smallest(zone, order, start_mt)
         if can_steal and self.count_free_in_pageblock(found) >= pageblock_nr_pages // 2:
             self.move_freepages_block(found, start_mt)
@@ -556,17 +572,18 @@ class BuddyAllocator:
         """Allocate a block of ``2**order`` pages; returns its head PFN, or -1 if out of memory."""
         zone = self.zonelist[0]
         slot = ORDER_TO_SLOT[order]
+        size = 1 << order
         # Fast path: preferred zone above its low watermark, block from the CPU's pcp list.
-        if slot >= 0 and self.zone_free[zone] - (1 << order) + 1 > self._wmark_low[zone]:
+        if slot >= 0 and self.zone_free[zone] - size >= self._wmark_low[zone]:
             zc = zone * self.ncpus + cpu
             lst = self.pcp_lists[zc * NR_PCP_LISTS + slot * MIGRATE_PCPTYPES + mt]
             if not lst:
                 self._rmqueue_bulk(zone, order, mt, cpu, lst)
             if lst:
                 pfn = lst.pop()
-                self.pcp_count[zc] -= 1 << order
+                self.pcp_count[zc] -= size
                 self._fl[pfn] = PG_ALLOC
-                self.allocated_pages += 1 << order
+                self.allocated_pages += size
                 return pfn
         pfn = self._get_page_from_freelist(order, mt, cpu, use_min=False)
         if pfn < 0:
@@ -617,23 +634,98 @@ class BuddyAllocator:
         return -1
 
     def _rmqueue_bulk(self, zone: int, order: int, mt: int, cpu: int, lst: deque[int]) -> None:
+        """rmqueue_bulk(): refill a per-CPU list with ``max(batch >> order, 2)`` blocks.
+
+        Same effect as calling ``_rmqueue_smallest`` once per block, blocks going to the pcp
+        list's tail, but the refill dominates the allocator's time, so it is written out with
+        the list state in locals and each split done at once. A split only happens when every
+        smaller list of the type is empty, so the calls that follow take the split block's
+        pieces in ascending order (each call finds the lowest remaining piece on the smallest
+        list); what the batch does not take is left as it would be: one block per level,
+        alone at the head of its list.
+        """
         count = max(self._pcp_batch[zone] >> order, 2)
         self.zone_lock_acquisitions += 1
+        nx = self._nx
+        pv = self._pv
         fl = self._fl
         od = self._od
-        taken = 0
-        smallest = self._rmqueue_smallest
-        for _ in range(count):
-            pfn = smallest(zone, order, mt)
-            if pfn < 0:
+        boundary = self.boundary
+        nr_free = self.nr_free
+        nr_reported = self.nr_reported
+        zone_free = self.zone_free
+        n = self.total_pages
+        zbase = zone * NR_PAGE_ORDERS
+        top = NR_PAGE_ORDERS - 1
+        size = 1 << order
+        got = 0
+        while got < count:
+            current = order
+            lid = (zbase + order) * MIGRATE_TYPES + mt
+            s = n + lid
+            pfn = nx[s]
+            while pfn == s and current < top:
+                current += 1
+                lid += MIGRATE_TYPES
+                s += MIGRATE_TYPES
+                pfn = nx[s]
+            if pfn == s:
                 pfn = self._rmqueue_fallback(zone, order, mt)
                 if pfn < 0:
                     break
-            lst.appendleft(pfn)  # list_add_tail()
-            fl[pfn] = PG_PCP
-            od[pfn] = order
-            taken += 1 << order
-        self.pcp_count[zone * self.ncpus + cpu] += taken
+                lst.appendleft(pfn)  # list_add_tail()
+                fl[pfn] = PG_PCP
+                od[pfn] = order
+                got += 1
+                continue
+            nn = nx[pfn]
+            nx[s] = nn
+            pv[nn] = s
+            if boundary[lid] == pfn:
+                boundary[lid] = nn
+            if fl[pfn] & PG_REPORTED:
+                nr_reported[zbase + current] -= 1
+            nr_free[zbase + current] -= 1
+            if current == order:
+                lst.appendleft(pfn)  # list_add_tail()
+                fl[pfn] = PG_PCP
+                got += 1
+                zone_free[zone] -= size
+                continue
+            # As many pieces as the batch still needs, lowest first, each to the list's tail.
+            pieces = min(count - got, 1 << (current - order))
+            end = pfn + pieces * size
+            if pieces < 8:  # building slices costs more than a short loop
+                for piece in range(pfn, end, size):
+                    lst.appendleft(piece)  # list_add_tail()
+                    fl[piece] = PG_PCP
+                    od[piece] = order
+            else:
+                lst.extendleft(range(pfn, end, size))
+                fl[pfn:end:size] = PCP_FLAGS[:pieces]
+                od[pfn:end:size] = bytes((order,)) * pieces
+            got += pieces
+            zone_free[zone] -= pieces * size
+            # The rest, smallest first: one block per set bit of the pieces left.
+            left = (1 << (current - order)) - pieces
+            half = end
+            level = order
+            lid = (zbase + order) * MIGRATE_TYPES + mt
+            while left:
+                if left & 1:
+                    s = n + lid
+                    nx[s] = half
+                    pv[s] = half
+                    nx[half] = s
+                    pv[half] = s
+                    fl[half] = PG_BUDDY
+                    od[half] = level
+                    nr_free[zbase + level] += 1
+                    half += 1 << level
+                left >>= 1
+                level += 1
+                lid += MIGRATE_TYPES
+        self.pcp_count[zone * self.ncpus + cpu] += got * size
 
     # ------------------------------------------------------------------ targeted operations
 
@@ -714,7 +806,7 @@ class BuddyAllocator:
                     self.pcp_count[zc] -= 1 << order
                     self._fl[pfn] = 0
                     self.zone_lock_acquisitions += 1
-                    self._free_one(pfn, order, zone, self._pbmt[pfn >> PB_SHIFT], 0)
+                    self._free_one(pfn, order, zone, 0)
                     return
         raise AllocationError(f"pfn {pfn} flagged PCP but on no pcp list")
 
@@ -750,10 +842,8 @@ class BuddyAllocator:
         if self._fl[pfn] != PG_ISOLATED:
             raise AllocationError(f"pfn {pfn} is not isolated")
         self._fl[pfn] = 0
-        pb = pfn >> PB_SHIFT
-        return self._free_one(
-            pfn, order, self._pbz[pb], self._pbmt[pb], FPI_TO_TAIL | FPI_SKIP_REPORT_NOTIFY
-        )
+        zone = self._pbz[pfn >> PB_SHIFT]
+        return self._free_one(pfn, order, zone, FPI_TO_TAIL | FPI_SKIP_REPORT_NOTIFY)
 
     def count_free_in_pageblock(self, pfn: int) -> int:
         start = pfn & ~(pageblock_nr_pages - 1)
@@ -794,7 +884,6 @@ class BuddyAllocator:
                 pbmt[pb] = new_mt
             if old != new_mt:
                 self._move(outer, zone, order, old, new_mt)
-                self._bulk_moved(zone, order, old, new_mt)
             return 1 << order
         old_mt = pbmt[start >> PB_SHIFT]
         pbmt[start >> PB_SHIFT] = new_mt
@@ -807,7 +896,6 @@ class BuddyAllocator:
                 order = od[p]
                 if old_mt != new_mt:
                     self._move(p, zone, order, old_mt, new_mt)
-                    self._bulk_moved(zone, order, old_mt, new_mt)
                 moved += 1 << order
                 p += 1 << order
             elif f:
@@ -815,12 +903,6 @@ class BuddyAllocator:
             else:
                 p += 1
         return moved
-
-    def _bulk_moved(self, zone: int, order: int, old_mt: int, new_mt: int) -> None:
-        hook = self.bulk_move_hook
-        if hook is not None:
-            hook(zone, order, old_mt)
-            hook(zone, order, new_mt)
 
     # ------------------------------------------------------------------ whole-state views
 

@@ -57,7 +57,9 @@ def test_tail_insertion_stops_at_the_boundary_and_removal_pushes_it_back() -> No
     check_invariants(alloc)
 
 
-def test_boundary_bulk_move_resets_the_list_boundary() -> None:
+def test_boundary_bulk_move_only_pulls_the_boundary_off_the_moved_page() -> None:
+    # v10 reset single boundaries only for compaction; move_freepages_block() went through
+    # move_to_free_list(), which pulls the boundary off a reported page it moves.
     sim = small_sim("boundary")
     sim.advance_to(1.0)
     alloc = sim.alloc
@@ -65,11 +67,17 @@ def test_boundary_bulk_move_resets_the_list_boundary() -> None:
     assert isinstance(engine, BoundaryEngine)
     engine.active[0] = True
     lid = alloc.list_id(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE)
-    first = next(alloc.iter_list(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE))
-    alloc.boundary[lid] = first
+    first, second, third = list(alloc.iter_list(0, MAX_PAGE_ORDER, MIGRATE_MOVABLE))[:3]
+    assert alloc._fl[first] & PG_REPORTED
+    alloc.boundary[lid] = third
     alloc.move_freepages_block(first, 0)  # a steal-like bulk move to unmovable
-    assert alloc.boundary[lid] == alloc.total_pages + lid
-    assert engine.boundary_resets >= 1
+    assert alloc.boundary[lid] == third  # another page moved: the boundary stays
+    alloc.boundary[lid] = second
+    alloc.move_freepages_block(second, 0)
+    assert alloc.boundary[lid] == third  # the page at the boundary moved: pulled to the next
+    assert first in alloc.iter_list(0, MAX_PAGE_ORDER, 0)
+    assert alloc._fl[first] & PG_REPORTED  # still reported on its new list
+    check_invariants(alloc)
 
 
 def test_boundary_notifies_only_past_the_high_water_mark() -> None:

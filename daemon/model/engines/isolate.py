@@ -120,7 +120,7 @@ class IsolateEngine(Engine):
                 first = pfn >> pageblock_order
                 for pb in range(first, first + (1 << (order - pageblock_order))):
                     alloc._pbmt[pb] = old_mt
-                alloc._free_one(pfn, order, zone, old_mt, 3)  # FPI_TO_TAIL | SKIP_NOTIFY
+                alloc._free_one(pfn, order, zone, 3)  # FPI_TO_TAIL | SKIP_NOTIFY, as old_mt
             else:
                 alloc.move_freepages_block(pfn, old_mt)
             if fl[pfn] & PG_BUDDY and od[pfn] == order:

@@ -10,9 +10,12 @@ and a per-list ``reported_boundary`` pointing at the first of them:
   did not merge, so the run of reported pages grows towards the head;
 * add_to_free_list_tail() inserts in front of the boundary, never behind it (the allocator
   does this for every list through ``BuddyAllocator.boundary``);
-* removing the page at the boundary pushes the boundary to the next entry (``_del``);
-* a bulk list manipulation resets that list's boundary to the list_head, and finishing a zone
-  clears ZONE_PAGE_REPORTING_ACTIVE, which resets all of the zone's boundaries;
+* removing the page at the boundary pushes the boundary to the next entry (``_del``), also when
+  move_freepages_block() moves it to another type's list; v10 reset a single boundary only
+  for compaction (page_reporting_free_area_release()), which the model does not have;
+* the first fill of a zone pass sets ZONE_PAGE_REPORTING_ACTIVE and resets all of the zone's
+  boundaries to the list_head; running out of pages clears the bit (__page_reporting_cancel()),
+  so every pass starts by walking back over the reported run at the tail of each list;
 * notification: nr_free(order) >= reported pages of that order + PAGE_REPORTING_HWM (32), once
   per zone until the zone's pass ends; the worker runs HZ / 10 later and reports the zone until
   no unreported page is left (no budget yet, that came in v16).
@@ -52,7 +55,12 @@ class BoundaryEngine(Engine):
         self.active: list[bool] = []
         self.refcnt = 0
         self.batch: list[tuple[int, int]] = []
-        self.boundary_resets = 0
+        # Where the walking goes (not kernel state): zone passes that set
+        # ZONE_PAGE_REPORTING_ACTIVE, each resetting the zone's boundaries, and the Reported
+        # entries skipped by searches that began at a list_head, that is the walks back over
+        # reported runs which a reset (or, for naive, every search) causes.
+        self.activations = 0
+        self.rewalked = 0
 
     def _install(self) -> None:
         alloc = self.alloc
@@ -61,8 +69,6 @@ class BoundaryEngine(Engine):
         self.active = [False] * nz
         alloc.notify_free = self._notify
         alloc.notify_order = self.order
-        if self.keep_boundary:
-            alloc.bulk_move_hook = self._bulk_moved
         for zone in range(nz):
             self._request(zone)
 
@@ -105,6 +111,7 @@ class BoundaryEngine(Engine):
     def _fill(self, zone: int, batch: list[tuple[int, int]]) -> int:
         if not self.active[zone]:
             self.active[zone] = True
+            self.activations += 1
             self._reset_all_boundaries(zone)
         for order in range(MAX_PAGE_ORDER, self.order - 1, -1):
             for mt in range(MIGRATE_TYPES - 1, -1, -1):
@@ -132,21 +139,26 @@ class BoundaryEngine(Engine):
         pv = alloc._pv
         fl = alloc._fl
         boundary = alloc.boundary
+        from_head = boundary[lid] == s
         page = pv[boundary[lid]]
         tail = -1
         found = -1
+        skipped = 0
         while page != s:
             c.visited += 1
             c.visited_locked += 1
             if fl[page] & PG_REPORTED:
                 tail = page
                 page = pv[page]
+                skipped += 1
                 continue
             if alloc.isolate_free_page(page, order):
                 found = page
             else:
                 c.isolate_failures += 1
             break
+        if from_head:
+            self.rewalked += skipped
         if tail >= 0 and self.keep_boundary:
             boundary[lid] = tail
         return found
@@ -166,12 +178,6 @@ class BoundaryEngine(Engine):
         first = alloc.list_id(zone, 0, 0)
         for lid in range(first, first + NR_PAGE_ORDERS * MIGRATE_TYPES):
             alloc.boundary[lid] = alloc.total_pages + lid
-
-    def _bulk_moved(self, zone: int, order: int, mt: int) -> None:
-        if self.active[zone] and order >= self.order:
-            lid = self.alloc.list_id(zone, order, mt)
-            self.alloc.boundary[lid] = self.alloc.total_pages + lid
-            self.boundary_resets += 1
 
 
 class NaiveEngine(BoundaryEngine):

@@ -1,0 +1,485 @@
+"""reclaimd against simulated guests: responsiveness at fleet scale, and estimate accuracy.
+
+``fleet``: N simulated guests (one forked process each, ``python -m daemon.simguest fleet``)
+and ``reclaimd serve`` attached to all of them through ``RECLAIMD_SOCKET_GLOB`` with a 2 s
+stats interval. After a warm-up, a client times REST requests (one VM's detail, the VM list,
+``/healthz``) and full ``/metrics`` scrapes while the daemon's CPU time and RSS are read from
+``/proc``. Targets: REST p99 < 100 ms, a full scrape < 250 ms.
+
+``accuracy``: one simulated guest per workload (one process each, as QEMU runs), the daemon
+attached, and every 2 s each VM's reclaim estimate compared with the guest's ground truth
+(``SOCKET.truth``). Limits, as fractions of guest RAM: reported 2 %, free_resident 5 %,
+stranded 10 %. Errors are reported for all samples and for steady samples only (the truth moved
+by at most 1 % of RAM since the previous sample): the estimate's inputs are up to one stats
+interval old, so during a fast transient it trails the truth by design.
+
+Usage: python bench/bench_fleet.py [fleet|accuracy|all] [--count 500] [--ram 32M] ...
+Results go to bench/RESULTS-fleet.md (``--results``). The fleet run needs about 6 GiB of free
+RAM for 500 guests of 32 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from daemon.simguest.accuracy import STEADY_FRACTION, ErrorSeries
+from daemon.simguest.cli import parse_size
+from daemon.simguest.guest import GuestSpec
+from daemon.simguest.launcher import FleetProcess, GuestProcess
+
+MiB = 1 << 20
+RESULTS = Path(__file__).with_name("RESULTS-fleet.md")
+FLEET_WORKLOADS = ("idle",) * 7 + ("fragment", "memhog", "pagecache")
+ACCURACY_WORKLOADS = ("memhog", "fragment", "pagecache", "idle")
+FLEET_TICK = 1.0  # seconds between guest steps; stats requests are answered on time anyway
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------- machine and /proc
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {
+        "CPU": f"{model}, {os.cpu_count()} cores",
+        "Memory": f"{mem_kib / (1 << 20):.1f} GiB",
+        "Kernel": platform.release(),
+        "Python": platform.python_version(),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes sharing them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---------------------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """``reclaimd serve`` in a child process, attached through a socket glob."""
+
+    def __init__(self, workdir: Path, glob: str, log: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith("RECLAIMD_")]:
+            del env[key]
+        env.update(
+            RECLAIMD_SOCKET_GLOB=glob,
+            RECLAIMD_JOURNAL=str(workdir / "journal.sqlite3"),
+            RECLAIMD_STATS_INTERVAL="2",
+            RECLAIMD_POLL_INTERVAL="2",
+        )
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "daemon.cli", "serve", "--listen", f"127.0.0.1:{self.port}"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.client = httpx.Client(base_url=self.base, timeout=30.0)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def health(self) -> dict[str, Any]:
+        reply = self.client.get("/healthz")
+        reply.raise_for_status()
+        body: dict[str, Any] = reply.json()
+        return body
+
+    def wait_up(self, count: int, timeout: float) -> float:
+        """Seconds until ``count`` VMs have a running session."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"reclaimd exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if self.health()["vms_up"] >= count:
+                    return time.monotonic() - started
+            time.sleep(0.5)
+        raise TimeoutError(f"fewer than {count} VMs up after {timeout:g} s")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def daemon(workdir: Path, glob: str) -> Iterator[Daemon]:
+    d = Daemon(workdir, glob, workdir / f"reclaimd-{time.monotonic_ns()}.log")
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+# ---------------------------------------------------------------------------- fleet
+
+
+@dataclass
+class FleetResult:
+    count: int
+    ram_bytes: int
+    workloads: tuple[str, ...]
+    fleet_start_s: float
+    attach_s: float
+    window_s: float
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    scrape_bytes: int = 0
+    daemon_cpu: float = 0.0  # fraction of one core over the window
+    daemon_rss: int = 0
+    daemon_rss_idle: int = 0
+    fleet_cpu: float = 0.0
+    fleet_pss: int = 0
+    stats_fresh: int = 0
+    vms_seen: int = 0
+    sched_idle: bool = False
+
+
+def idle_daemon_rss(workdir: Path) -> int:
+    empty = workdir / "empty"
+    empty.mkdir()
+    with daemon(workdir, str(empty / "*.qmp")) as d:
+        d.wait_up(0, 60)
+        time.sleep(5)
+        return rss_bytes(d.pid)
+
+
+def run_fleet(args: argparse.Namespace, workdir: Path) -> FleetResult:
+    idle_rss = idle_daemon_rss(workdir)
+    vms = workdir / "vms"
+    started = time.monotonic()
+    with FleetProcess.start(
+        count=args.count,
+        directory=vms,
+        ram_bytes=args.ram,
+        workloads=FLEET_WORKLOADS,
+        tick=FLEET_TICK,
+        sched_idle=args.sched_idle,
+        log=workdir / "fleet.log",
+    ) as fleet:
+        fleet_start = time.monotonic() - started
+        print(f"fleet of {args.count} up in {fleet_start:.1f} s", file=sys.stderr)
+        with daemon(workdir, str(vms / "*.qmp")) as d:
+            attach = d.wait_up(args.count, 600)
+            print(f"all attached in {attach:.1f} s; warming up", file=sys.stderr)
+            time.sleep(args.warmup)
+            result = FleetResult(
+                args.count,
+                args.ram,
+                FLEET_WORKLOADS,
+                fleet_start,
+                attach,
+                args.duration,
+                sched_idle=args.sched_idle,
+            )
+            measure(d, fleet, args, result)
+            result.daemon_rss_idle = idle_rss
+    return result
+
+
+def measure(d: Daemon, fleet: FleetProcess, args: argparse.Namespace, r: FleetResult) -> None:
+    names = [p.stem for p in fleet.sockets]
+    fleet_pids = [fleet.pid, *children(fleet.pid)]
+    rand = random.Random(1)
+    lat: dict[str, list[float]] = {"vm detail": [], "vm list": [], "healthz": [], "metrics": []}
+    cpu0 = cpu_seconds(d.pid)
+    fleet_cpu0 = sum(cpu_seconds(p) for p in fleet_pids)
+    t0 = time.monotonic()
+    next_scrape = t0
+    i = 0
+    while (now := time.monotonic()) - t0 < args.duration:
+        if now >= next_scrape:
+            start = time.perf_counter()
+            reply = d.client.get("/metrics")
+            lat["metrics"].append(time.perf_counter() - start)
+            reply.raise_for_status()
+            r.scrape_bytes = len(reply.content)
+            next_scrape = now + 5.0
+        kind, path = (
+            ("vm list", "/api/v1/vms")
+            if i % 10 == 0
+            else ("healthz", "/healthz")
+            if i % 10 == 5
+            else ("vm detail", f"/api/v1/vms/{rand.choice(names)}")
+        )
+        start = time.perf_counter()
+        d.client.get(path).raise_for_status()
+        lat[kind].append(time.perf_counter() - start)
+        i += 1
+        time.sleep(0.1)
+    elapsed = time.monotonic() - t0
+    r.daemon_cpu = (cpu_seconds(d.pid) - cpu0) / elapsed
+    r.fleet_cpu = (sum(cpu_seconds(p) for p in fleet_pids) - fleet_cpu0) / elapsed
+    r.daemon_rss = rss_bytes(d.pid)
+    r.fleet_pss = sum(pss_bytes(p) for p in fleet_pids)
+    r.latencies = lat
+    vms = d.client.get("/api/v1/vms").json()["vms"]
+    r.vms_seen = len(vms)
+    r.stats_fresh = sum(
+        1 for vm in vms if vm.get("up") and (vm.get("stats_age_seconds") or 1e9) < 10
+    )
+
+
+def fleet_markdown(r: FleetResult) -> str:
+    def ms(values: list[float], q: float) -> str:
+        return f"{pct(values, q) * 1000:.1f}"
+
+    rows = [
+        f"| {kind} | {len(v)} | {ms(v, 0.5)} | {ms(v, 0.99)} | {max(v) * 1000:.1f} |"
+        for kind, v in r.latencies.items()
+        if v
+    ]
+    rest = [x for k, v in r.latencies.items() if k != "metrics" for x in v]
+    rest_p99 = pct(rest, 0.99) * 1000
+    scrape_max = max(r.latencies["metrics"]) * 1000
+    per_vm = (r.daemon_rss - r.daemon_rss_idle) / r.count
+    return "\n".join(
+        [
+            f"Fleet: {r.count} simulated guests of {r.ram_bytes // MiB} MiB, one process each, "
+            f"workloads in turn: {', '.join(r.workloads)}; stats interval 2 s, poll interval 2 s; "
+            f"guests step every {FLEET_TICK:g} s"
+            + (
+                " under SCHED_IDLE (they get only CPU time the daemon does not want)."
+                if r.sched_idle
+                else " at normal priority."
+            ),
+            f"Fleet up in {r.fleet_start_s:.1f} s; the daemon had all {r.count} attached "
+            f"{r.attach_s:.1f} s after it started. Measured over {r.window_s:g} s after warm-up.",
+            "",
+            "| request | n | p50 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"- REST p99 (all REST requests): **{rest_p99:.1f} ms** (target < 100 ms: "
+            f"{'met' if rest_p99 < 100 else 'NOT met'})",
+            f"- Full /metrics scrape: max **{scrape_max:.1f} ms**, {r.scrape_bytes / 1024:.0f} KiB "
+            f"(target < 250 ms: {'met' if scrape_max < 250 else 'NOT met'})",
+            f"- Daemon CPU: **{r.daemon_cpu * 100:.1f} % of one core** "
+            f"({r.daemon_cpu / r.count * 1e5:.1f} % per 1000 VMs)",
+            f"- Daemon RSS: {r.daemon_rss / MiB:.0f} MiB with {r.count} VMs, "
+            f"{r.daemon_rss_idle / MiB:.0f} MiB with none: **{per_vm / 1024:.0f} KiB per VM**",
+            f"- VMs listed {r.vms_seen}, with guest stats younger than 10 s: {r.stats_fresh}",
+            f"- The simulated fleet itself: {r.fleet_cpu * 100:.1f} % of one core, "
+            f"{r.fleet_pss / MiB:.0f} MiB PSS in all ({r.fleet_pss / r.count / MiB:.1f} MiB per "
+            "guest, guest RAM included)",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------- accuracy
+
+
+def run_accuracy(args: argparse.Namespace, workdir: Path) -> dict[str, ErrorSeries]:
+    vms = workdir / "acc"
+    vms.mkdir()
+    guests: dict[str, GuestProcess] = {}
+    try:
+        for i, workload in enumerate(ACCURACY_WORKLOADS):
+            spec = GuestSpec(
+                name=workload,
+                ram_bytes=args.accuracy_ram,
+                socket=vms / f"{workload}.qmp",
+                workload=workload,
+                seed=i + 1,
+            )
+            guests[workload] = GuestProcess.start(spec, log=workdir / f"{workload}.log")
+        with daemon(workdir, str(vms / "*.qmp")) as d:
+            d.wait_up(len(guests), 60)
+            time.sleep(10)  # first stats, first scans
+            return sample_accuracy(d, guests, args.accuracy_duration)
+    finally:
+        for g in guests.values():
+            g.stop()
+
+
+def sample_accuracy(
+    d: Daemon, guests: dict[str, GuestProcess], duration: float
+) -> dict[str, ErrorSeries]:
+    series = {name: ErrorSeries() for name in guests}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < duration:
+        time.sleep(2)
+        for name, guest in guests.items():
+            series[name].add(estimate_of(d.client.get(f"/api/v1/vms/{name}").json()), guest.truth())
+    return series
+
+
+def estimate_of(detail: dict[str, Any]) -> dict[str, int | None]:
+    """Component bytes from a VM's REST detail (None where reclaimd gives no number)."""
+    components = (detail.get("estimate") or {}).get("components") or {}
+    return {k: (v or {}).get("bytes") for k, v in components.items()}
+
+
+def accuracy_markdown(results: dict[str, ErrorSeries], ram: int, duration: float) -> str:
+    lines = [
+        f"Accuracy: one simulated guest of {ram // MiB} MiB per workload, {duration:g} s, a "
+        "sample every 2 s. Error = |estimate - truth| / RAM. Cells: median / p90 / max over all "
+        "samples; then median / p90 over steady samples (n): those where the truth moved by at "
+        f"most {STEADY_FRACTION:.0%} of RAM since the previous sample.",
+        "",
+        "| workload | component (limit) | all: median / p90 / max | steady: median / p90 (n) "
+        "| verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for workload, s in results.items():
+        for m in s.summary():
+            head = f"| {workload} | {m.component} ({m.tolerance:.0%}) |"
+            if m.median is None or m.p90 is None or m.max is None:
+                lines.append(f"{head} missing ({m.missing}) | - | no estimate |")
+                continue
+            cell = f"{m.median:.2%} / {m.p90:.2%} / {m.max:.2%}"
+            if m.missing:
+                cell += f" ({m.missing} missing)"
+            steady = (
+                f"{m.steady_median:.2%} / {m.steady_p90:.2%} ({m.steady_samples})"
+                if m.steady_median is not None and m.steady_p90 is not None
+                else "- (0)"
+            )
+            lines.append(f"{head} {cell} | {steady} | {'within' if m.ok else 'OUTSIDE'} |")
+    lines.append("")
+    lines.append(
+        "Verdict: p90 of the steady samples (of all samples where none was steady) against the "
+        "limit."
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def merge(path: Path, sections: list[str]) -> list[str]:
+    """This run's sections, plus the sections of ``path`` this run did not redo."""
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        return sections
+    fresh = {s.splitlines()[0] for s in sections}
+    kept = [
+        "## " + part.rstrip()
+        for part in old.split("\n## ")[1:]
+        if "## " + part.splitlines()[0] not in fresh
+    ]
+    return sections + kept
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", choices=("fleet", "accuracy", "all"), default="all")
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--ram", type=parse_size, default=32 * MiB, help="RAM per fleet guest")
+    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=60.0, help="fleet window, seconds")
+    parser.add_argument(
+        "--no-sched-idle",
+        dest="sched_idle",
+        action="store_false",
+        help="run the simulated guests at normal priority (default: SCHED_IDLE)",
+    )
+    parser.add_argument("--accuracy-ram", type=parse_size, default=256 * MiB)
+    parser.add_argument("--accuracy-duration", type=float, default=120.0)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    sections = []
+    workdir = Path(tempfile.mkdtemp(prefix="rd-fleet-"))
+    try:
+        if args.what in ("accuracy", "all"):
+            acc = run_accuracy(args, workdir)
+            sections.append(
+                "## Estimate accuracy\n\n"
+                + accuracy_markdown(acc, args.accuracy_ram, args.accuracy_duration)
+            )
+        if args.what in ("fleet", "all"):
+            sections.append("## Fleet scale\n\n" + fleet_markdown(run_fleet(args, workdir)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    info = machine()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    header = [
+        "# Simulated guests: fleet scale and estimate accuracy",
+        "",
+        f"Command: `python bench/bench_fleet.py {' '.join(sys.argv[1:]) or 'all'}` "
+        f"(run {time.strftime('%Y-%m-%d')})",
+        "",
+        *(f"- {k}: {v}" for k, v in info.items()),
+        f"- Load average at the end (other work on the machine): {load}",
+        "",
+    ]
+    text = "\n".join(header) + "\n" + "\n\n".join(merge(args.results, sections)) + "\n"
+    args.results.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The simulated guest kernel: the allocator model with a workload, reporting and a balloon
+driver, made real in guest RAM.
+
+What reaches host memory, and how (matching what QEMU does for the real thing):
+
+- The kernel's boot reservations (firmware, kernel image, memmap) are written at boot.
+- Every block the workload allocates is written: the guest touched it, so the host backs it.
+- Every block the reporting engine reports is discarded (QEMU's ``virtio_balloon_handle_report``
+  calls ``ram_block_discard_range``), and so is every page the balloon driver inflates with.
+- Deflated balloon pages are left alone; the host backs them again when the guest next
+  writes them.
+
+Changes are applied per step from the model's log, checking each page against the model's host
+state at the end of the step, so a page allocated, freed and reported within one step (or
+reported and then reused) ends up exactly as the host would have it.
+
+Guest statistics are the ones a Linux 6.1 virtio_balloon driver sends (``update_balloon_stats``):
+all ten tags QEMU 7.2 knows, HugeTLB counters zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from daemon.model import MAX_PAGE_ORDER, WORKLOADS, SimConfig, SimLog, Simulation, make_workload
+from daemon.model.constants import PG_FREE_MASK, PG_REPORTED, PG_RESERVED
+from daemon.model.host import BALLOONED, PRESENT
+from daemon.simguest.guest import GuestSpec
+from daemon.simguest.ram import PAGE_SIZE, GuestRAM
+from daemon.simguest.truth import PageStates
+
+# page_reporting_order before any reporting device registers (6.1): nothing is reportable.
+NO_REPORTING_ORDER = MAX_PAGE_ORDER + 1
+SIMULATED_WORKLOADS = tuple(WORKLOADS)
+
+
+def block_pages(
+    blocks: list[tuple[int, int]] | list[tuple[int, int, float]],
+) -> npt.NDArray[np.int64]:
+    """Page numbers covered by (pfn, order, ...) blocks, as one array."""
+    if not blocks:
+        return np.empty(0, dtype=np.int64)
+    arr = np.array([b[:2] for b in blocks], dtype=np.int64)
+    pfns, orders = arr[:, 0], arr[:, 1]
+    parts = [pfns[orders == 0]]
+    for order in np.unique(orders[orders > 0]).tolist():
+        heads = pfns[orders == order]
+        parts.append((heads[:, None] + np.arange(1 << order, dtype=np.int64)).ravel())
+    return np.concatenate(parts)
+
+
+class ModelGuestOS:
+    """A guest kernel booted in ``ram`` from ``spec`` (workload, seed, reporting engine)."""
+
+    def __init__(self, spec: GuestSpec, ram: GuestRAM) -> None:
+        if spec.workload not in WORKLOADS:
+            raise ValueError(
+                f"unknown workload {spec.workload!r}; choose from {', '.join(WORKLOADS)}"
+            )
+        order = int(spec.options.get("reporting_order", 9))
+        config = SimConfig(
+            ram_bytes=spec.ram_bytes,
+            engine=spec.engine if spec.free_page_reporting else None,
+            order=order,
+            seed=spec.seed,
+            keep_log=True,
+        )
+        if config.total_pages * PAGE_SIZE != ram.size:
+            raise ValueError("guest RAM must be a multiple of 4 MiB (MAX_PAGE_ORDER blocks)")
+        self._ram = ram
+        self._deflate_on_oom = spec.deflate_on_oom
+        self.sim = Simulation(config, make_workload(spec.workload))
+        self.reporting_order = order if spec.free_page_reporting else NO_REPORTING_ORDER
+        # The kernel writes its own reservations (image, memmap) while it boots.
+        ram.write(self.sim.alloc.heads(PG_RESERVED).astype(np.int64))
+        self._apply(self.sim.drain_log())
+
+    def advance(self, seconds: float) -> None:
+        if seconds > 0:
+            self.sim.advance_to(self.sim.now + seconds)
+        self._apply(self.sim.drain_log())
+
+    def _apply(self, log: SimLog) -> None:
+        host = self.sim.host.state_arr
+        if log.allocated:
+            pages = block_pages(log.allocated)
+            self._ram.write(pages[host[pages] == PRESENT])
+        if log.reported:
+            pages = block_pages(log.reported)
+            self._ram.discard(pages[host[pages] != PRESENT])
+
+    def balloon_toward(self, target_pages: int, max_pages: int) -> int:
+        balloon = self.sim.balloon
+        have = len(balloon)
+        if target_pages > have:
+            taken = balloon.inflate(min(max_pages, target_pages - have))
+            self._ram.discard(np.array(taken, dtype=np.int64))
+        elif target_pages < have:
+            balloon.deflate(min(max_pages, have - target_pages))
+        return len(balloon)
+
+    def stats(self) -> dict[str, int]:
+        s = self.sim.stats()
+        total = s.stat_total_memory
+        if self._deflate_on_oom:
+            # With deflate-on-oom the driver leaves totalram alone (adjust_managed_page_count
+            # is skipped), so ballooned pages still count in MemTotal.
+            total += len(self.sim.balloon) * PAGE_SIZE
+        return {
+            "stat-swap-in": s.stat_swap_in,
+            "stat-swap-out": s.stat_swap_out,
+            "stat-major-faults": s.stat_major_faults,
+            "stat-minor-faults": s.stat_minor_faults,
+            "stat-free-memory": s.stat_free_memory,
+            "stat-total-memory": total,
+            "stat-available-memory": s.stat_available_memory,
+            "stat-disk-caches": s.stat_disk_caches,
+            "stat-htlb-pgalloc": 0,
+            "stat-htlb-pgfail": 0,
+        }
+
+    def page_states(self) -> PageStates:
+        alloc = self.sim.alloc
+        n = alloc.total_pages
+        free_heads = alloc.heads(PG_FREE_MASK)
+        free = alloc.expand_blocks(free_heads)
+        free_order = np.full(n, -1, dtype=np.int8)
+        head_orders = alloc.order_arr[free_heads]
+        for order in np.unique(head_orders).tolist():
+            heads = free_heads[head_orders == order]
+            free_order[(heads[:, None] + np.arange(1 << order)).ravel()] = order
+        ballooned = np.zeros(n, dtype=bool)
+        ballooned[np.array(self.sim.balloon.pages, dtype=np.int64)] = True
+        cache = np.zeros(n, dtype=bool)
+        cache[np.array(self.sim.cache.lru, dtype=np.int64)] = True
+        return PageStates(
+            free=free,
+            used=~free & ~ballooned,
+            ballooned=ballooned,
+            reported=alloc.expand_blocks(alloc.heads(PG_REPORTED)),
+            cache=cache,
+            resident=self._ram.backed.copy(),
+            touched=self._ram.touched.copy(),
+            deflated=free & (self.sim.host.state_arr == BALLOONED),
+            free_order=free_order,
+        )
