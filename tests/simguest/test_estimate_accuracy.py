@@ -61,7 +61,9 @@ def attached() -> Iterator[tuple[str, dict[str, GuestProcess]]]:
             env.update(
                 RECLAIMD_SOCKET_GLOB=str(vms / "*.qmp"),
                 RECLAIMD_JOURNAL=str(Path(tmp) / "journal.sqlite3"),
-                RECLAIMD_STATS_INTERVAL="2",
+                # Fresh inputs: the error measured is the estimate's, not the age of its inputs.
+                RECLAIMD_STATS_INTERVAL="1",
+                RECLAIMD_POLL_INTERVAL="1",
             )
             with open(Path(tmp) / "reclaimd.log", "wb") as log:
                 server = subprocess.Popen(
