@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from daemon.fleet import VMState
-from daemon.guest_stats import GuestStats
+from daemon.guest_stats import STAT_FIELDS, GuestStats
 
 
 class Health(BaseModel):
@@ -83,24 +83,7 @@ class Stats(BaseModel):
         )
 
 
-_STAT_FIELDS = (
-    "free_bytes",
-    "total_bytes",
-    "available_bytes",
-    "disk_caches_bytes",
-    "swap_in_bytes",
-    "swap_out_bytes",
-    "major_faults",
-    "minor_faults",
-    "hugetlb_allocations",
-    "hugetlb_failures",
-    "oom_kills",
-    "alloc_stalls",
-    "async_scans",
-    "direct_scans",
-    "async_reclaims",
-    "direct_reclaims",
-)
+_STAT_FIELDS = tuple(STAT_FIELDS.values())
 
 
 class VMSummary(BaseModel):

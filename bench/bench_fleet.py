@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from daemon.simguest.accuracy import STEADY_FRACTION, ErrorSeries
 from daemon.simguest.cli import parse_size
@@ -56,12 +57,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     return {

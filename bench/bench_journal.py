@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
+
 from daemon.journal import Journal, NewEntry
 
 VMS = 50
@@ -26,14 +28,7 @@ DAY = 86400.0
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "CPU": cpu,
         "cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",

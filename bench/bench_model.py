@@ -30,6 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
+
 from daemon.model import ENGINES, SimConfig, Simulation
 from daemon.model.buddy import BuddyAllocator
 from daemon.model.engines import BoundaryEngine
@@ -41,14 +43,7 @@ RESULTS_MD = HERE / "RESULTS-model.md"
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

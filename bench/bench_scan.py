@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from daemon.host.residency import (
     Snapshot,
@@ -78,12 +79,7 @@ def _measure(scan: Callable[[], Snapshot], repeat: int) -> tuple[float, float, i
 
 
 def _machine() -> list[str]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     return [
         f"- CPU: {model}, {os.cpu_count()} cores",
