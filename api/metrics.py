@@ -158,7 +158,7 @@ class FleetCollector(Collector):
 
 
 class HostFamilies:
-    """Families from the host view, ledger and estimate (``VMState.extras``), when present."""
+    """Families from the host view, ledger and estimate (``VMState.host``, ``.estimate``)."""
 
     def __init__(self) -> None:
         self.resident = _gauge("qemu_host_resident_bytes", "Guest RAM the host still backs")
@@ -183,22 +183,21 @@ class HostFamilies:
 
     def add(self, vm: VMState) -> None:
         labels = [vm.name]
-        host = vm.extras.get("host")
-        if isinstance(host, dict):
-            _maybe(self.resident, labels, host.get("resident_bytes"))
-            _maybe(self.reported, labels, host.get("reported_bytes"))
-            _maybe(self.reported_total, labels, host.get("reported_bytes_total"))
-            _maybe(self.refaulted_total, labels, host.get("refaulted_bytes_total"))
-            effective = host.get("reporting_effective")
-            if isinstance(effective, bool):
-                self.effective.add_metric(labels, 1.0 if effective else 0.0)
-        estimate = vm.extras.get("estimate")
-        if isinstance(estimate, dict):
-            components = estimate.get("components", {})
+        host = vm.host
+        if host is not None:
+            if host.ledger is not None:
+                self.resident.add_metric(labels, host.ledger.resident_bytes)
+                self.reported.add_metric(labels, host.ledger.reported_bytes)
+                self.reported_total.add_metric(labels, host.ledger.reported_bytes_total)
+                self.refaulted_total.add_metric(labels, host.ledger.refaulted_bytes_total)
+            if host.reporting_effective is not None:
+                self.effective.add_metric(labels, 1.0 if host.reporting_effective else 0.0)
+        if vm.estimate is not None:
+            components = vm.estimate.components
             for component in RECLAIM_COMPONENTS:
-                entry = components.get(component) if isinstance(components, dict) else None
-                value = entry.get("bytes") if isinstance(entry, dict) else None
-                _maybe(self.reclaimable, [vm.name, component], value)
+                entry = components.get(component)
+                if entry is not None and entry.bytes is not None:
+                    self.reclaimable.add_metric([vm.name, component], entry.bytes)
 
     def families(self) -> Iterator[Metric]:
         yield from (
@@ -209,13 +208,6 @@ class HostFamilies:
             self.reclaimable,
             self.effective,
         )
-
-
-def _maybe(
-    family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: object
-) -> None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        family.add_metric(labels, float(value))
 
 
 class _DaemonInstruments(Collector):

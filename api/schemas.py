@@ -174,8 +174,8 @@ class VMDetail(VMSummary):
             event_counts=dict(vm.event_counts),
             last_event=vm.last_event,
             events_dropped=vm.events_dropped,
-            host=vm.extras.get("host"),
-            estimate=vm.extras.get("estimate"),
+            host=vm.host.as_dict() if vm.host else None,
+            estimate=vm.estimate.as_dict() if vm.estimate else None,
         )
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from daemon.guest_stats import GuestStats
+
+if TYPE_CHECKING:  # the ledger builds on the fleet, not the other way round
+    from daemon.ledger.estimate import Estimate
+    from daemon.ledger.status import HostStatus
 
 AttachKind = Literal["connect", "poll", "listen"]
 
@@ -94,8 +98,9 @@ class VMState:
     last_event: str | None = None
     last_event_time: float | None = None
     events_dropped: int = 0
-    # Filled by the host view, ledger and estimate as they land (see daemon.ledger).
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Set by the host view, ledger and estimate as they land (see daemon.ledger.tracker).
+    host: HostStatus | None = None
+    estimate: Estimate | None = None
 
     def set_session_state(self, state: str, error: str | None = None) -> None:
         if state != self.session_state:

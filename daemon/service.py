@@ -16,6 +16,7 @@ from typing import Any
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import Fleet, VMState
 from daemon.journal import Journal
+from daemon.ledger.status import HostStatus
 from daemon.ledger.tracker import HostTracker
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.discovery import SocketWatcher
@@ -167,11 +168,7 @@ class Reclaimd:
         except Exception as exc:
             # A bug in the host view must never cost the VM its QMP session.
             log.exception("host view of %s failed", vm.name)
-            vm.extras["host"] = {
-                "available": False,
-                "problem": "internal_error",
-                "problem_detail": f"{type(exc).__name__}: {exc}",
-            }
+            vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)

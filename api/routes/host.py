@@ -26,7 +26,7 @@ async def reported_ranges(
     """Blocks that free page reporting returned to the host, newest first."""
     tracker = daemon.trackers.get(vm.name)
     if tracker is None or tracker.ledger.scans == 0:
-        problem = (vm.extras.get("host") or {}).get("problem_detail") or "no host scan yet"
+        problem = (vm.host and vm.host.problem_detail) or "no host scan yet"
         return RangePage(vm=vm.name, ranges=[], total=0, problem=problem)
     ranges = tracker.ledger.ranges(since=since, limit=limit)
     return RangePage(

@@ -2,8 +2,8 @@
 
 A ``HostTracker`` is called from the VM's poll loop with the live QMP connection. It owns the
 VM's ``HostView`` (re-made when the QEMU process or RAM layout changes), its ``Ledger`` and its
-scan cadence, and publishes plain dicts into ``VMState.extras`` for the API and metrics:
-``extras["host"]`` (residency and ledger counters) and ``extras["estimate"]``.
+scan cadence, and publishes frozen objects for the API and metrics: ``VMState.host`` (a
+``HostStatus``: residency and ledger counters) and ``VMState.estimate``.
 
 Scans run in a worker thread so a large VM never stalls the event loop; the ledger is updated
 back on the loop, where the API reads it.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
 from typing import Any
 
 from daemon.fleet import VMState
@@ -25,6 +24,7 @@ from daemon.instruments import RESIDENCY_SCAN_SECONDS
 from daemon.ledger.estimate import SETTLE_SECONDS as SETTLE
 from daemon.ledger.estimate import Estimate, Inputs, estimate, settled
 from daemon.ledger.ranges import Ledger
+from daemon.ledger.status import HostStatus
 from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
 
@@ -74,7 +74,7 @@ class HostTracker:
         return self.view
 
     async def update(self, vm: VMState, conn: QMPConnection | None) -> None:
-        """Scan if due, then refresh ``vm.extras``. Never raises for host trouble."""
+        """Scan if due, then publish ``vm.host`` and ``vm.estimate``. Never raises for host."""
         view = self._ensure_view(vm)
         stats = vm.guest_stats
         if stats is not None and stats.valid and stats.free_bytes is not None:
@@ -119,17 +119,15 @@ class HostTracker:
         if settled(inputs) and result.components["stranded"].bytes is not None:
             self.steady_stranded = result.components["stranded"].bytes
         self.last = result
-        host: dict[str, Any] = {
-            "available": summary is not None and self.problem is None,
-            "problem": self.problem.reason.value if self.problem else None,
-            "problem_detail": self.problem.detail if self.problem else None,
-            "reporting_effective": result.reporting_effective,
-            "scan_interval_seconds": self.cadence.cost and self.cadence.cost / self.budget,
-        }
-        if summary is not None:
-            host.update(asdict(summary))
-        vm.extras["host"] = host
-        vm.extras["estimate"] = result.as_dict()
+        vm.estimate = result
+        vm.host = HostStatus(
+            available=summary is not None and self.problem is None,
+            problem=self.problem.reason.value if self.problem else None,
+            problem_detail=self.problem.detail if self.problem else None,
+            reporting_effective=result.reporting_effective,
+            scan_interval_seconds=self.cadence.cost and self.cadence.cost / self.budget,
+            ledger=summary,
+        )
 
 
 def _gpa_map(mtree_text: str | None) -> GuestPhysMap | None:

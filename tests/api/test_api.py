@@ -244,7 +244,7 @@ async def test_estimate_and_ranges_say_why_without_a_host_view(
 ) -> None:
     # The fake monitor has no x-query-ramblock: the host cannot locate guest RAM.
     await attach(daemon, await fake_qmp())
-    await eventually(lambda: "estimate" in daemon.fleet.get("vm1").extras)  # type: ignore[union-attr]
+    await eventually(lambda: daemon.fleet.get("vm1").estimate is not None)  # type: ignore[union-attr]
     estimate = (await client.get("/api/v1/vms/vm1/estimate")).json()
     components = estimate["components"]
     assert components["ballooned"]["bytes"] == 0

@@ -14,6 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from api.metrics import FleetCollector
 from daemon.fleet import Fleet, SessionState
 from daemon.guest_stats import GuestStats
+from daemon.ledger.estimate import Component, Estimate
+from daemon.ledger.ranges import LedgerSummary
+from daemon.ledger.status import HostStatus
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 MiB = 1 << 20
@@ -44,24 +47,53 @@ def known_fleet() -> Fleet:
         minor_faults=34567,
     )
     web.event_counts = {"BALLOON_CHANGE": 3, "RESUME": 1}
-    web.extras["host"] = {
-        "resident_bytes": 900 * MiB,
-        "reported_bytes": 500 * MiB,
-        "reported_bytes_total": 640 * MiB,
-        "refaulted_bytes_total": 140 * MiB,
-        "reporting_effective": True,
+    web.host = HostStatus(
+        available=True,
+        problem=None,
+        problem_detail=None,
+        reporting_effective=True,
+        scan_interval_seconds=1.0,
+        ledger=LedgerSummary(
+            at=NOW - 1,
+            scans=10,
+            covered_bytes=2048 * MiB,
+            backed_bytes=900 * MiB,
+            resident_bytes=900 * MiB,
+            reported_bytes=500 * MiB,
+            ballooned_bytes=512 * MiB,
+            unexplained_bytes=0,
+            unattributed_bytes=136 * MiB,
+            reported_bytes_total=640 * MiB,
+            discarded_bytes_total=640 * MiB,
+            ballooned_bytes_total=512 * MiB,
+            unexplained_bytes_total=0,
+            refaulted_bytes_total=140 * MiB,
+            refaulted_reported_bytes_total=140 * MiB,
+            first_touch_bytes_total=0,
+            ranges_total=7,
+            last_reported_at=NOW - 5,
+        ),
+    )
+    observed = {
+        "ballooned": 512 * MiB,
+        "reported": 500 * MiB,
+        "free_resident": 200 * MiB,
+        "reportable": 0,
+        "stranded": 200 * MiB,
+        "cache": 300 * MiB,
     }
-    web.extras["estimate"] = {
-        "components": {
-            "ballooned": {"bytes": 512 * MiB},
-            "reported": {"bytes": 500 * MiB},
-            "free_resident": {"bytes": 200 * MiB},
-            "reportable": {"bytes": 0},
-            "stranded": {"bytes": 200 * MiB},
-            "cache": {"bytes": 300 * MiB},
-            "reclaimable": {"bytes": None},
-        }
-    }
+    web.estimate = Estimate(
+        at=NOW,
+        ram_bytes=2048 * MiB,
+        margin_bytes=102 * MiB,
+        reporting_enabled=True,
+        reporting_effective=True,
+        reporting_note=None,
+        components={
+            **{name: Component(value, "observed", 1.0) for name, value in observed.items()},
+            "reclaimable": Component(None, "modelled", None, "guest stats are stale"),
+        },
+    )
     down = fleet.add("db1", "unix:/run/qemu/db1.qmp", "poll")
     down.mark_down("connection closed by peer")
     down.guest_stats = GuestStats(last_update=NOW - 10, valid=False, problems=("free > total",))
