@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
 
 import pytest
+from qemu.qmp import Message
 
 from daemon.config import Address
 from daemon.qmp.connection import QMPConnection
@@ -109,4 +111,30 @@ async def test_event_queue_is_bounded(fake_qmp: Any) -> None:
     assert conn.events_dropped == 42
     first = await conn.next_event()
     assert first["data"]["actual"] == 42  # the oldest were dropped, the newest kept
+    await conn.close()
+
+
+async def test_messages_are_logged_only_when_debug_logging_is_on(
+    fake_qmp: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await fake_qmp()
+    rendered: list[str] = []
+    pretty = Message.__str__
+
+    def counting_str(msg: Message) -> str:
+        rendered.append(pretty(msg))
+        return rendered[-1]
+
+    monkeypatch.setattr(Message, "__str__", counting_str)
+    conn = QMPConnection("t", command_timeout=1)
+    await conn.connect(addr(server), timeout=1)
+    with caplog.at_level(logging.INFO, logger="qemu.qmp"):
+        await conn.execute("query-balloon")
+    assert rendered == []  # nobody reads the debug log: no pretty-printed copy is made
+    with caplog.at_level(logging.DEBUG, logger="qemu.qmp"):
+        await conn.execute("query-balloon")
+    assert any(
+        "--> " in r.getMessage() and "query-balloon" in r.getMessage() for r in caplog.records
+    )
+    assert any("<-- " in r.getMessage() and "actual" in r.getMessage() for r in caplog.records)
     await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,3 +177,34 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert 0.25 <= delays[0] <= 0.5
     assert all(15 <= d <= 30 for d in delays[7:])
     assert len(set(delays)) == len(delays)
+
+
+async def test_vms_attached_together_poll_at_spread_phases(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    # A socket glob attaches a whole fleet at once; without a random first wait every VM
+    # would poll in the same instant of every interval, for ever.
+    interval = 1.0
+    settings = settings.model_copy(update={"poll_interval": interval})
+    polls: dict[str, list[float]] = {}
+
+    async def on_poll(vm: Any, conn: Any) -> None:
+        polls.setdefault(vm.name, []).append(time.monotonic())
+
+    fleet = Fleet()
+    tasks = []
+    for i in range(8):
+        server = await fake_qmp(name=f"vm{i}")
+        vm = fleet.add(f"vm{i}", f"unix:{server.path}", "connect")
+        address = Address("unix", path=str(server.path))
+        session = Session(
+            vm, settings, journal, address=address, on_poll=on_poll, rng=random.Random(i)
+        )
+        tasks.append(asyncio.create_task(session.run()))
+    await eventually(lambda: len(polls) == 8 and all(len(p) >= 2 for p in polls.values()), 5)
+    for task in tasks:
+        await stop(task)
+    # The hook runs right after attach, then after the VM's own random part of the interval.
+    first_waits = sorted(p[1] - p[0] for p in polls.values())
+    assert all(0 <= w <= interval + 0.2 for w in first_waits), first_waits
+    assert first_waits[-1] - first_waits[0] > interval / 2, first_waits
