@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ class Reclaimd:
         self.settings = settings
         self.fleet = Fleet()
         self.trackers: dict[str, HostTracker] = {}
+        self.scanner: ThreadPoolExecutor | None = None
         self.on_poll: PollHook | None = self._track_host if host_view else None
         self.journal: Journal | None = None
         self.sessions: dict[str, Session | PollSession] = {}
@@ -59,6 +61,8 @@ class Reclaimd:
             max_age_days=self.settings.journal_max_age_days,
         )
         self._event_counts = self.journal.event_counts()
+        # One thread scans for all trackers (see daemon.ledger.tracker for why only one).
+        self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
             self.add_vm(vm.name, Address.parse(vm.address), vm.mode)
         if self.settings.socket_glob:
@@ -95,6 +99,9 @@ class Reclaimd:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         self._session_tasks.clear()
+        if self.scanner is not None:  # let a scan in progress finish before its view closes
+            await asyncio.to_thread(self.scanner.shutdown, cancel_futures=True)
+            self.scanner = None
         for tracker in self.trackers.values():
             tracker.close()
         self.trackers.clear()
@@ -154,7 +161,9 @@ class Reclaimd:
         tracker = self.trackers.get(vm.name)
         if tracker is None:
             tracker = HostTracker(
-                budget=self.settings.scan_budget, interval=min(1.0, self.settings.poll_interval)
+                budget=self.settings.scan_budget,
+                interval=min(1.0, self.settings.poll_interval),
+                scanner=self.scanner,
             )
             self.trackers[vm.name] = tracker
         # The daemon-wide scan budget is shared by all VMs.

@@ -10,7 +10,11 @@ Public API (what the session calls)::
 ``ramblock_text`` is the ``human-readable-text`` of ``x-query-ramblock``, ``memdevs`` the
 ``query-memdev`` reply, ``ram_size`` the summary's ``base-memory``.
 
-Each ``scan()`` re-reads ``/proc/PID/maps`` (cheap) and locates the RAM again if a mapping moved.
+``scan()`` re-reads ``/proc/PID/maps`` every ``MAPS_RECHECK_SECONDS`` (and on every scan while a
+block is missing) and locates the RAM again if a mapping moved. QEMU maps guest RAM once and
+changes it only on memory hot-plug, which QMP announces and which makes the caller build a new
+view; the re-check is a guard, and parsing maps (about 1 ms for a few hundred mappings) would
+otherwise cost more than scanning a small VM.
 The process's start time is checked, so a reused pid is noticed: a view is bound to one QEMU
 process, and once that process is gone it only answers ``no_process`` (make a new view for a new
 pid).
@@ -27,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +63,7 @@ from daemon.host.unavailable import Reason, Unavailable, from_os_error
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 _MEMORY_FS = frozenset({TMPFS_MAGIC, HUGETLBFS_MAGIC})
+MAPS_RECHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ class HostView:
         self.method = method
         self.layout: GuestRamLayout | None = None
         self._start_time: int | None = None
+        self._maps_checked = -math.inf  # time.monotonic() of the last read of /proc/PID/maps
         self._gone = False  # the process this view was made for has exited
         if pid is not None:
             with contextlib.suppress(OSError, ValueError, IndexError):
@@ -193,21 +201,24 @@ class HostView:
             self._reset()
             return Unavailable(Reason.NO_PROCESS, f"pid {pid} now belongs to another process")
         self._start_time = started
-        vmas = read_maps(pid)
-        if isinstance(vmas, Unavailable):
-            self._reset()
-            return vmas
         layout = self.layout
-        # Locate again when a mapping moved, and while some block is missing (it may appear:
-        # QEMU still starting, memory hot-plugged); keep open descriptors if nothing moved.
-        if layout is None or layout.missing or not _still_mapped(layout, vmas):
-            located = layout_of(pid, vmas, self.blocks, self.mem_paths)
-            if isinstance(located, Unavailable):
+        now = time.monotonic()
+        if layout is None or layout.missing or now - self._maps_checked >= MAPS_RECHECK_SECONDS:
+            vmas = read_maps(pid)
+            if isinstance(vmas, Unavailable):
                 self._reset()
-                return located
-            if layout is None or located.mappings != layout.mappings:
-                self._reset()
-            self.layout = layout = located
+                return vmas
+            self._maps_checked = now
+            # Locate again when a mapping moved, and while some block is missing (it may
+            # appear: QEMU still starting, memory hot-plugged); keep descriptors if nothing moved.
+            if layout is None or layout.missing or not _still_mapped(layout, vmas):
+                located = layout_of(pid, vmas, self.blocks, self.mem_paths)
+                if isinstance(located, Unavailable):
+                    self._reset()
+                    return located
+                if layout is None or located.mappings != layout.mappings:
+                    self._reset()
+                self.layout = layout = located
         return self._scan_layout(layout)
 
     def _scan_layout(self, layout: GuestRamLayout) -> GuestRamScan | Unavailable:

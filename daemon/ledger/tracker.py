@@ -6,20 +6,24 @@ scan cadence, and publishes frozen objects for the API and metrics: ``VMState.ho
 ``HostStatus``: residency and ledger counters) and ``VMState.estimate``.
 
 Scans run in a worker thread so a large VM never stalls the event loop; the ledger is updated
-back on the loop, where the API reads it.
+back on the loop, where the API reads it. The daemon gives all trackers one scanner thread:
+a scan is mostly Python holding the GIL, so more threads would not scan faster, only take the
+GIL from the event loop more often. The CPU budget is charged with everything a scan costs on
+that thread (reading maps, checks, the scan itself), not only the syscalls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 from daemon.fleet import VMState
 from daemon.host.cadence import ScanCadence
 from daemon.host.mtree import GuestPhysMap
 from daemon.host.unavailable import Unavailable
-from daemon.host.view import HostView
+from daemon.host.view import GuestRamScan, HostView
 from daemon.instruments import RESIDENCY_SCAN_SECONDS
 from daemon.ledger.estimate import SETTLE_SECONDS as SETTLE
 from daemon.ledger.estimate import Estimate, Inputs, estimate, settled
@@ -34,8 +38,11 @@ UNAVAILABLE_RETRY = 10.0  # seconds before retrying a host view that failed
 class HostTracker:
     """Host view, ledger and estimate of one VM."""
 
-    def __init__(self, *, budget: float, interval: float = 1.0) -> None:
+    def __init__(
+        self, *, budget: float, interval: float = 1.0, scanner: Executor | None = None
+    ) -> None:
         self.budget = budget
+        self.scanner = scanner  # None: asyncio's default executor
         self.interval = interval
         self.view: HostView | None = None
         self.ledger = Ledger()
@@ -80,7 +87,8 @@ class HostTracker:
         if stats is not None and stats.valid and stats.free_bytes is not None:
             self.ledger.note_guest_free(stats.free_bytes, stats.last_update or time.time())
         if time.monotonic() >= self._next_scan:
-            result = await asyncio.to_thread(view.scan)
+            loop = asyncio.get_running_loop()
+            result, cpu_seconds = await loop.run_in_executor(self.scanner, _timed_scan, view)
             if isinstance(result, Unavailable):
                 self.problem = result
                 self._next_scan = time.monotonic() + UNAVAILABLE_RETRY
@@ -91,7 +99,7 @@ class HostTracker:
                     await probe.read_balloon_actual(conn, vm)
                 obs = self.ledger.observe(result, vm.balloon.actual_bytes)
                 RESIDENCY_SCAN_SECONDS.observe(result.seconds)
-                wait = self.cadence.next_interval(result.cpu_seconds, obs.changed)
+                wait = self.cadence.next_interval(cpu_seconds, obs.changed)
                 self._next_scan = time.monotonic() + wait
         self._publish(vm)
 
@@ -128,6 +136,13 @@ class HostTracker:
             scan_interval_seconds=self.cadence.cost and self.cadence.cost / self.budget,
             ledger=summary,
         )
+
+
+def _timed_scan(view: HostView) -> tuple[GuestRamScan | Unavailable, float]:
+    """``view.scan()`` and the CPU time it took on this thread."""
+    started = time.thread_time()
+    result = view.scan()
+    return result, time.thread_time() - started
 
 
 def _gpa_map(mtree_text: str | None) -> GuestPhysMap | None:

@@ -57,6 +57,11 @@ def _serve() -> None:  # runs in the child
                     if libc.fallocate(fd, mode, s * PAGE, (e - s) * PAGE) != 0:
                         raise OSError(ctypes.get_errno(), "fallocate")
                 m.madvise(mmap.MADV_DONTNEED, s * PAGE, (e - s) * PAGE)
+        elif op == "unmap":
+            m, fd = maps.pop(name)
+            m.close()
+            if fd is not None:
+                os.close(fd)
         elif op == "exit":
             break
         print(json.dumps(reply), flush=True)
@@ -102,6 +107,9 @@ class MemChild:
 
     def punch(self, name: str, ranges: Ranges) -> None:
         self._call(op="punch", name=name, ranges=ranges)
+
+    def unmap(self, name: str) -> None:
+        self._call(op="unmap", name=name)
 
     def close(self) -> None:
         if self.proc.poll() is None:

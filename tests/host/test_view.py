@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from daemon.host import bitmap
+from daemon.host import view as view_module
+from daemon.host.maps import read_maps
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
 from daemon.host.residency import Method
 from daemon.host.unavailable import Reason, Unavailable
@@ -131,6 +134,38 @@ def test_partial_layout_and_exit_of_the_process() -> None:
         child.close()
         gone = view.scan()
         assert isinstance(gone, Unavailable) and gone.reason is Reason.NO_PROCESS
+        view.close()
+
+
+def test_maps_are_rechecked_on_a_period_and_a_moved_mapping_is_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocks = _child_blocks()[:1]
+    size = blocks[0].block.total
+    reads: list[int] = []
+
+    def counting_read_maps(pid: int) -> object:
+        reads.append(pid)
+        return read_maps(pid)
+
+    monkeypatch.setattr(view_module, "read_maps", counting_read_maps)
+    with MemChild() as child:
+        first, _ = child.map("a", "memfd", size)
+        child.touch("a", [(0, 3)])
+        view = HostView(child.pid, blocks)
+        assert _scan(view).backed_bytes == 3 * 4096
+        _scan(view)
+        assert len(reads) == 1  # within the period the layout is trusted
+        # QEMU never does this without telling over QMP; the periodic re-check is the guard.
+        child.unmap("a")
+        child.map("pad", "anon", size // 2)  # takes part of the freed address range
+        moved, _ = child.map("a", "memfd", size)
+        assert moved != first
+        child.touch("a", [(0, 8)])
+        view._maps_checked -= view_module.MAPS_RECHECK_SECONDS  # the period has passed
+        scan = _scan(view)
+        assert len(reads) == 2
+        assert scan.blocks[0].mapping.start == moved and scan.backed_bytes == 8 * 4096
         view.close()
 
 

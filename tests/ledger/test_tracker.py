@@ -1,0 +1,52 @@
+"""HostTracker: scans run on the scanner it is given, and the budget is charged in full."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from daemon.fleet import Fleet
+from daemon.host.ramblocks import GuestRamBlock, RamBlock
+from daemon.host.unavailable import Unavailable
+from daemon.host.view import GuestRamScan, HostView
+from daemon.ledger.tracker import HostTracker
+from tests.host.memchild import MemChild
+
+MiB = 1 << 20
+BURN = 0.03  # CPU-seconds of Python work a scan does besides the scanner syscalls
+
+
+async def test_scan_cost_is_charged_in_full_on_the_scanner_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocks = [GuestRamBlock(RamBlock("pc.ram", 4096, 0, 16 * MiB, 16 * MiB), "memdev-id")]
+    threads: list[str] = []
+    with MemChild() as child, ThreadPoolExecutor(1, thread_name_prefix="scan") as scanner:
+        child.map("ram", "anon", 16 * MiB)
+        child.touch("ram", [(0, 100)])
+        view = HostView(child.pid, blocks)
+        real_scan = view.scan
+
+        def scan_with_overhead() -> GuestRamScan | Unavailable:
+            # Stands for what a scan costs outside the scanner itself (maps, checks).
+            threads.append(threading.current_thread().name)
+            started = time.thread_time()
+            while time.thread_time() - started < BURN:
+                pass
+            return real_scan()
+
+        monkeypatch.setattr(view, "scan", scan_with_overhead)
+        tracker = HostTracker(budget=0.05, scanner=scanner)
+        monkeypatch.setattr(tracker, "_ensure_view", lambda vm: view)
+        vm = Fleet().add("vm1", "unix:/nonexistent", "connect")
+        await tracker.update(vm, None)
+        view.close()
+    assert threads and threads[0].startswith("scan")
+    assert tracker.cadence.cost is not None and tracker.cadence.cost >= BURN
+    assert vm.host is not None and vm.host.ledger is not None
+    assert vm.host.ledger.backed_bytes == 100 * 4096
+    assert vm.host.scan_interval_seconds is not None
+    assert vm.host.scan_interval_seconds >= BURN / 0.05  # the budget sets the pace
