@@ -197,6 +197,7 @@ class FleetResult:
     fleet_pss: int = 0
     stats_fresh: int = 0
     vms_seen: int = 0
+    scan_ages: list[float] = field(default_factory=list)  # seconds since each VM's last scan
     sched_idle: bool = False
 
 
@@ -283,6 +284,11 @@ def measure(d: Daemon, fleet: FleetProcess, args: argparse.Namespace, r: FleetRe
     r.stats_fresh = sum(
         1 for vm in vms if vm.get("up") and (vm.get("stats_age_seconds") or 1e9) < 10
     )
+    # How fresh the host view is when the CPU budget is shared by every VM.
+    for vm in vms:
+        host = d.client.get(f"/api/v1/vms/{vm['name']}").json().get("host") or {}
+        if host.get("at") is not None:
+            r.scan_ages.append(time.time() - host["at"])
 
 
 def fleet_markdown(r: FleetResult) -> str:
@@ -324,6 +330,11 @@ def fleet_markdown(r: FleetResult) -> str:
             f"- Daemon RSS: {r.daemon_rss / MiB:.0f} MiB with {r.count} VMs, "
             f"{r.daemon_rss_idle / MiB:.0f} MiB with none: **{per_vm / 1024:.0f} KiB per VM**",
             f"- VMs listed {r.vms_seen}, with guest stats younger than 10 s: {r.stats_fresh}",
+            f"- Host view: {len(r.scan_ages)} VMs scanned; time since each VM's last residency "
+            f"scan: median {pct(r.scan_ages, 0.5):.1f} s, p90 {pct(r.scan_ages, 0.9):.1f} s, "
+            f"max {max(r.scan_ages):.1f} s (all VMs share the default scan budget)"
+            if r.scan_ages
+            else "- Host view: no VM scanned",
             f"- The simulated fleet itself: {r.fleet_cpu * 100:.1f} % of one core, "
             f"{r.fleet_pss / MiB:.0f} MiB PSS in all ({r.fleet_pss / r.count / MiB:.1f} MiB per "
             "guest, guest RAM included)",
