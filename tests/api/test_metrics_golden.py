@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
-
-from api.metrics import FleetCollector
+from api.metrics import fleet_exposition
 from daemon.fleet import Fleet, SessionState
 from daemon.guest_stats import GuestStats
 from daemon.ledger.estimate import Component, Estimate
@@ -101,10 +99,7 @@ def known_fleet() -> Fleet:
 
 
 def exposition() -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    fleet = known_fleet()
-    registry.register(FleetCollector(lambda: fleet, clock=lambda: NOW))
-    return generate_latest(registry).decode()
+    return fleet_exposition(known_fleet(), now=NOW)
 
 
 def test_exposition_matches_golden_file() -> None:
