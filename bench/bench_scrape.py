@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from api.metrics import exposition
+from api.metrics import _STAT_COUNTERS, _STAT_GAUGES, RECLAIM_COMPONENTS, exposition
 from api.version import VERSION
 from daemon.fleet import Fleet, SessionState, VMState
 from daemon.guest_stats import GuestStats
@@ -116,16 +116,7 @@ def fleet_of(count: int, seed: int = 1) -> Fleet:
             ),
         )
         components = {
-            name: Component(pages(0, ram // 4), "observed", 1.0)
-            for name in (
-                "ballooned",
-                "reported",
-                "free_resident",
-                "reportable",
-                "stranded",
-                "cache",
-                "reclaimable",
-            )
+            name: Component(pages(0, ram // 4), "observed", 1.0) for name in RECLAIM_COMPONENTS
         }
         vm.estimate = Estimate(
             at=NOW,
@@ -141,52 +132,7 @@ def fleet_of(count: int, seed: int = 1) -> Fleet:
 
 # ---------------------------------------------------------------------------- the old path
 # A copy of api/metrics.py before the text writer: prometheus_client families built per scrape.
-
-_STAT_GAUGES = (
-    ("qemu_guest_memory_total_bytes", "Guest total memory (MemTotal)", "total_bytes"),
-    ("qemu_guest_memory_free_bytes", "Guest free memory (MemFree)", "free_bytes"),
-    ("qemu_guest_memory_available_bytes", "Guest available memory", "available_bytes"),
-    (
-        "qemu_guest_disk_caches_bytes",
-        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped)",
-        "disk_caches_bytes",
-    ),
-)
-_STAT_COUNTERS = (
-    ("qemu_guest_swap_in_bytes", "Bytes the guest swapped in", "swap_in_bytes"),
-    ("qemu_guest_swap_out_bytes", "Bytes the guest swapped out", "swap_out_bytes"),
-    ("qemu_guest_major_faults", "Guest major page faults", "major_faults"),
-    ("qemu_guest_minor_faults", "Guest minor page faults", "minor_faults"),
-    ("qemu_guest_hugetlb_allocations", "Guest hugetlb page allocations", "hugetlb_allocations"),
-    ("qemu_guest_hugetlb_failures", "Guest hugetlb allocation failures", "hugetlb_failures"),
-    ("qemu_guest_oom_kills", "Guest OOM kills (QEMU 9.2+)", "oom_kills"),
-    ("qemu_guest_alloc_stalls", "Guest allocation stalls (QEMU 9.2+)", "alloc_stalls"),
-    ("qemu_guest_kswapd_scanned_bytes", "Bytes scanned by kswapd (QEMU 9.2+)", "async_scans"),
-    (
-        "qemu_guest_direct_scanned_bytes",
-        "Bytes scanned by direct reclaim (QEMU 9.2+)",
-        "direct_scans",
-    ),
-    (
-        "qemu_guest_kswapd_reclaimed_bytes",
-        "Bytes reclaimed by kswapd (QEMU 9.2+)",
-        "async_reclaims",
-    ),
-    (
-        "qemu_guest_direct_reclaimed_bytes",
-        "Bytes reclaimed directly (QEMU 9.2+)",
-        "direct_reclaims",
-    ),
-)
-RECLAIM_COMPONENTS = (
-    "ballooned",
-    "reported",
-    "free_resident",
-    "reportable",
-    "stranded",
-    "cache",
-    "reclaimable",
-)
+# The tables of names are shared with api/metrics.py; only the code that walks them is copied.
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ("vm",)) -> GaugeMetricFamily:
