@@ -130,10 +130,16 @@ def parse_maps(text: str) -> list[Vma]:
 
 def read_maps(pid: int) -> list[Vma] | Unavailable:
     """The mappings of ``pid``, or why they cannot be read."""
+    text = read_maps_text(pid)
+    return text if isinstance(text, Unavailable) else parse_maps(text)
+
+
+def read_maps_text(pid: int) -> str | Unavailable:
+    """``/proc/PID/maps`` unparsed: reading costs a tenth of parsing, so compare it first."""
     path = f"/proc/{pid}/maps"
     try:
         with open(path) as f:
-            return parse_maps(f.read())
+            return f.read()
     except OSError as exc:
         return from_os_error(exc, path)
 

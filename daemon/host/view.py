@@ -11,10 +11,10 @@ Public API (what the session calls)::
 ``query-memdev`` reply, ``ram_size`` the summary's ``base-memory``.
 
 ``scan()`` re-reads ``/proc/PID/maps`` every ``MAPS_RECHECK_SECONDS`` (and on every scan while a
-block is missing) and locates the RAM again if a mapping moved. QEMU maps guest RAM once and
-changes it only on memory hot-plug, which QMP announces and which makes the caller build a new
-view; the re-check is a guard, and parsing maps (about 1 ms for a few hundred mappings) would
-otherwise cost more than scanning a small VM.
+block is missing) and, when its text changed, locates the RAM again in case a mapping moved.
+QEMU maps guest RAM once and changes it only on memory hot-plug, which QMP announces and which
+makes the caller build a new view: the re-check is a guard. Parsing maps (about 1 ms for a few
+hundred mappings) costs more than scanning a small VM, hence the period and the text compare.
 The process's start time is checked, so a reused pid is noticed: a view is bound to one QEMU
 process, and once that process is gone it only answers ``no_process`` (make a new view for a new
 pid).
@@ -45,7 +45,8 @@ from daemon.host.maps import (
     find_backing_fd,
     join_file_vmas,
     layout_of,
-    read_maps,
+    parse_maps,
+    read_maps_text,
 )
 from daemon.host.ramblocks import GuestRamBlock, parse_ramblocks, select_guest_ram
 from daemon.host.residency import (
@@ -149,6 +150,7 @@ class HostView:
         self.layout: GuestRamLayout | None = None
         self._start_time: int | None = None
         self._maps_checked = -math.inf  # time.monotonic() of the last read of /proc/PID/maps
+        self._maps_text = ""  # what that read returned
         self._gone = False  # the process this view was made for has exited
         if pid is not None:
             with contextlib.suppress(OSError, ValueError, IndexError):
@@ -204,22 +206,38 @@ class HostView:
         layout = self.layout
         now = time.monotonic()
         if layout is None or layout.missing or now - self._maps_checked >= MAPS_RECHECK_SECONDS:
-            vmas = read_maps(pid)
-            if isinstance(vmas, Unavailable):
+            text = read_maps_text(pid)
+            if isinstance(text, Unavailable):
                 self._reset()
-                return vmas
+                return text
             self._maps_checked = now
-            # Locate again when a mapping moved, and while some block is missing (it may
-            # appear: QEMU still starting, memory hot-plugged); keep descriptors if nothing moved.
-            if layout is None or layout.missing or not _still_mapped(layout, vmas):
-                located = layout_of(pid, vmas, self.blocks, self.mem_paths)
+            if layout is None or layout.missing or text != self._maps_text:
+                located = self._locate(pid, parse_maps(text), layout)
                 if isinstance(located, Unavailable):
-                    self._reset()
                     return located
-                if layout is None or located.mappings != layout.mappings:
-                    self._reset()
-                self.layout = layout = located
+                layout = located
+            self._maps_text = text
         return self._scan_layout(layout)
+
+    def _locate(
+        self, pid: int, vmas: Sequence[Vma], layout: GuestRamLayout | None
+    ) -> GuestRamLayout | Unavailable:
+        """The RAM's layout in ``vmas``: the current one while nothing moved, else found again.
+
+        Locates again while some block is missing (it may appear: QEMU still starting, memory
+        hot-plugged); keeps the open descriptors if nothing moved.
+        """
+        if layout is not None and not layout.missing and _still_mapped(layout, vmas):
+            return layout
+        assert not isinstance(self.blocks, Unavailable)  # scan() has returned it already
+        located = layout_of(pid, vmas, self.blocks, self.mem_paths)
+        if isinstance(located, Unavailable):
+            self._reset()
+            return located
+        if layout is None or located.mappings != layout.mappings:
+            self._reset()
+        self.layout = located
+        return located
 
     def _scan_layout(self, layout: GuestRamLayout) -> GuestRamScan | Unavailable:
         scans: list[BlockScan] = []

@@ -81,7 +81,10 @@ class HostTracker:
         return self.view
 
     async def update(self, vm: VMState, conn: QMPConnection | None) -> None:
-        """Scan if due, then publish ``vm.host`` and ``vm.estimate``. Never raises for host."""
+        """Scan if due, then publish ``vm.host`` and ``vm.estimate``.
+
+        Never raises for trouble with the host view: that is published as ``vm.host.problem``.
+        """
         view = self._ensure_view(vm)
         stats = vm.guest_stats
         if stats is not None and stats.valid and stats.free_bytes is not None:

@@ -12,7 +12,7 @@ import pytest
 
 from daemon.host import bitmap
 from daemon.host import view as view_module
-from daemon.host.maps import read_maps
+from daemon.host.maps import Vma, parse_maps, read_maps_text
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
 from daemon.host.residency import Method
 from daemon.host.unavailable import Reason, Unavailable
@@ -143,19 +143,28 @@ def test_maps_are_rechecked_on_a_period_and_a_moved_mapping_is_found(
     blocks = _child_blocks()[:1]
     size = blocks[0].block.total
     reads: list[int] = []
+    parses: list[str] = []
 
-    def counting_read_maps(pid: int) -> object:
+    def counting_read(pid: int) -> object:
         reads.append(pid)
-        return read_maps(pid)
+        return read_maps_text(pid)
 
-    monkeypatch.setattr(view_module, "read_maps", counting_read_maps)
+    def counting_parse(text: str) -> list[Vma]:
+        parses.append(text)
+        return parse_maps(text)
+
+    monkeypatch.setattr(view_module, "read_maps_text", counting_read)
+    monkeypatch.setattr(view_module, "parse_maps", counting_parse)
     with MemChild() as child:
         first, _ = child.map("a", "memfd", size)
         child.touch("a", [(0, 3)])
         view = HostView(child.pid, blocks)
         assert _scan(view).backed_bytes == 3 * 4096
         _scan(view)
-        assert len(reads) == 1  # within the period the layout is trusted
+        assert len(reads) == len(parses) == 1  # within the period the layout is trusted
+        view._maps_checked -= view_module.MAPS_RECHECK_SECONDS  # the period has passed
+        _scan(view)
+        assert len(reads) == 2 and len(parses) == 1  # the same text is not parsed again
         # QEMU never does this without telling over QMP; the periodic re-check is the guard.
         child.unmap("a")
         child.map("pad", "anon", size // 2)  # takes part of the freed address range
@@ -164,7 +173,7 @@ def test_maps_are_rechecked_on_a_period_and_a_moved_mapping_is_found(
         child.touch("a", [(0, 8)])
         view._maps_checked -= view_module.MAPS_RECHECK_SECONDS  # the period has passed
         scan = _scan(view)
-        assert len(reads) == 2
+        assert len(reads) == 3 and len(parses) == 2
         assert scan.blocks[0].mapping.start == moved and scan.backed_bytes == 8 * 4096
         view.close()
 
