@@ -150,7 +150,7 @@ class HostView:
         self.layout: GuestRamLayout | None = None
         self._start_time: int | None = None
         self._maps_checked = -math.inf  # time.monotonic() of the last read of /proc/PID/maps
-        self._maps_text = ""  # what that read returned
+        self._maps_hash: int | None = None  # of the text it returned (tens of KiB: not kept)
         self._gone = False  # the process this view was made for has exited
         if pid is not None:
             with contextlib.suppress(OSError, ValueError, IndexError):
@@ -211,12 +211,12 @@ class HostView:
                 self._reset()
                 return text
             self._maps_checked = now
-            if layout is None or layout.missing or text != self._maps_text:
+            if layout is None or layout.missing or hash(text) != self._maps_hash:
                 located = self._locate(pid, parse_maps(text), layout)
                 if isinstance(located, Unavailable):
                     return located
                 layout = located
-            self._maps_text = text
+            self._maps_hash = hash(text)
         return self._scan_layout(layout)
 
     def _locate(

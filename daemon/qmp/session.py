@@ -142,7 +142,7 @@ class Session:
                 record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
 
     def _on_attached(self) -> None:
-        self.vm.attached_at = self.vm.last_poll = time.time()  # attach reads what a poll does
+        self.vm.attached_at = time.time()
         self._running_since = time.monotonic()
         if self._attached_before:
             self.vm.reconnects += 1
@@ -175,18 +175,14 @@ class Session:
                     wake.set()
 
         async def poll_forever() -> None:
-            # Attach has just read what a poll reads. The first wait is a random part of the
-            # interval, so VMs attached together (a socket glob at start-up) do not poll in
-            # lockstep for ever after: their polls stay spread over the interval.
-            wait = self._rng.uniform(0.0, self.settings.poll_interval)
-            if self.on_poll is not None:
-                await self.on_poll(self.vm, conn)
+            # Polls keep to a fixed schedule from attach, not "interval after the last poll
+            # ended": reclaimd sets the guest's stats interval at attach, so the guest pushes
+            # fresh stats just before each poll, and a schedule that slipped by the poll's own
+            # duration every cycle would drift until it read stats an interval old.
+            loop = asyncio.get_running_loop()
+            interval = self.settings.poll_interval
+            due = loop.time()
             while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await wake.wait()
-                wake.clear()
-                wait = self.settings.poll_interval
                 if followups.memory:
                     followups.memory = False
                     await probe.read_memory(conn, self.vm)
@@ -196,6 +192,13 @@ class Session:
                 await probe.poll(conn, self.vm)
                 if self.on_poll is not None:
                     await self.on_poll(self.vm, conn)
+                due += interval
+                if due <= loop.time():  # a poll that took longer than the interval: skip ahead
+                    due = loop.time() + interval
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(due):
+                        await wake.wait()
+                wake.clear()
 
         tasks = [
             asyncio.create_task(pump_events(), name=f"{self.vm.name}-events"),
