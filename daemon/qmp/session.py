@@ -31,6 +31,7 @@ from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost
 from daemon.qmp.intake import Followups, apply_event, record
+from daemon.qmp.schedule import PollSchedule
 
 # Called after each poll with the live connection (None in poll mode once it is closed).
 PollHook = Callable[[VMState, QMPConnection | None], Awaitable[None]]
@@ -175,13 +176,8 @@ class Session:
                     wake.set()
 
         async def poll_forever() -> None:
-            # Polls keep to a fixed schedule from attach, not "interval after the last poll
-            # ended": reclaimd sets the guest's stats interval at attach, so the guest pushes
-            # fresh stats just before each poll, and a schedule that slipped by the poll's own
-            # duration every cycle would drift until it read stats an interval old.
             loop = asyncio.get_running_loop()
-            interval = self.settings.poll_interval
-            due = loop.time()
+            schedule = PollSchedule(self.settings.poll_interval, loop.time())
             while True:
                 if followups.memory:
                     followups.memory = False
@@ -192,9 +188,12 @@ class Session:
                 await probe.poll(conn, self.vm)
                 if self.on_poll is not None:
                     await self.on_poll(self.vm, conn)
-                due += interval
-                if due <= loop.time():  # a poll that took longer than the interval: skip ahead
-                    due = loop.time() + interval
+                stats = self.vm.guest_stats
+                due = schedule.advance(
+                    loop.time(),
+                    stats.age(self.vm.last_poll or time.time()) if stats is not None else None,
+                    self.vm.balloon.stats_polling_interval,
+                )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(due):
                         await wake.wait()
