@@ -99,8 +99,10 @@ class Reclaimd:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         self._session_tasks.clear()
-        if self.scanner is not None:  # let a scan in progress finish before its view closes
-            await asyncio.to_thread(self.scanner.shutdown, cancel_futures=True)
+        if self.scanner is not None:
+            # Let what is queued run out: scans whose views close next, and closes of the views
+            # of VMs removed earlier (see HostTracker.close).
+            await asyncio.to_thread(self.scanner.shutdown)
             self.scanner = None
         for tracker in self.trackers.values():
             tracker.close()

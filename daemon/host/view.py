@@ -12,9 +12,11 @@ Public API (what the session calls)::
 
 ``scan()`` re-reads ``/proc/PID/maps`` every ``MAPS_RECHECK_SECONDS`` (and on every scan while a
 block is missing) and, when its text changed, locates the RAM again in case a mapping moved.
-QEMU maps guest RAM once and changes it only on memory hot-plug, which QMP announces and which
-makes the caller build a new view: the re-check is a guard. Parsing maps (about 1 ms for a few
-hundred mappings) costs more than scanning a small VM, hence the period and the text compare.
+QEMU maps guest RAM once and changes it only on memory hot-plug; the session reads the layout
+again on the events QMP has for that (MEMORY_DEVICE_SIZE_CHANGE, DEVICE_DELETED), which makes
+the caller build a new view. The re-check catches what no event announces, within the period.
+Parsing maps (about 1 ms for a few hundred mappings) costs more than scanning a small VM, hence
+the period, and the compare of the text's hash before parsing.
 The process's start time is checked, so a reused pid is noticed: a view is bound to one QEMU
 process, and once that process is gone it only answers ``no_process`` (make a new view for a new
 pid).

@@ -54,9 +54,22 @@ class HostTracker:
         self._next_scan = 0.0
 
     def close(self) -> None:
-        if self.view is not None:
-            self.view.close()
-            self.view = None
+        """Drop the view; its descriptors are closed on the scanner, after any scan in flight.
+
+        A scan may still run on the view (its VM was removed, or the update awaiting it was
+        cancelled): closing from here could close descriptors under it, or leave the ones it
+        opens next open for ever.
+        """
+        view, self.view = self.view, None
+        if view is None:
+            return
+        try:
+            if self.scanner is not None:
+                self.scanner.submit(view.close)
+                return
+        except RuntimeError:
+            pass  # the scanner is shut down: no scan runs any more
+        view.close()
 
     def _ensure_view(self, vm: VMState) -> HostView:
         mem = vm.memory

@@ -23,6 +23,7 @@ FOLLOWED_EVENTS = frozenset(
     {
         "BALLOON_CHANGE",
         "MEMORY_DEVICE_SIZE_CHANGE",
+        "DEVICE_DELETED",
         "SHUTDOWN",
         "POWERDOWN",
         "RESET",
@@ -86,7 +87,9 @@ def apply_event(
         actual = data.get("actual")
         if isinstance(actual, int) and not isinstance(actual, bool) and actual >= 0:
             vm.balloon.actual_bytes = actual
-    elif name == "MEMORY_DEVICE_SIZE_CHANGE":
+    elif name in ("MEMORY_DEVICE_SIZE_CHANGE", "DEVICE_DELETED"):
+        # A resized virtio-mem device, or an unplugged one (a DIMM has no event of its own):
+        # read sizes and RAM layout again, so the host view stops scanning memory that left.
         followups.memory = True
     elif name in _STATUS_AFTER:
         vm.status, vm.running = _STATUS_AFTER[name]

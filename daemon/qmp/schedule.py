@@ -27,7 +27,14 @@ class PollSchedule:
         self.due = start
 
     def advance(self, now: float, stats_age: float | None, stats_interval: int | None) -> float:
-        """The next deadline, given the age of the stats the poll just read (seconds)."""
+        """The next deadline, given the age of the stats the poll just read (seconds).
+
+        A poll an event called early (``now`` before the deadline) keeps the deadline: each
+        such poll would otherwise push the schedule back by a whole interval, and its stats
+        age says nothing about the phase of the scheduled polls.
+        """
+        if now < self.due:
+            return self.due
         self.due += self.interval + self.adjustment(stats_age, stats_interval)
         if self.due <= now:  # a poll took longer than the interval: start again from now
             self.due = now + self.interval

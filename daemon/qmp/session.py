@@ -182,6 +182,7 @@ class Session:
                 if followups.memory:
                     followups.memory = False
                     await probe.read_memory(conn, self.vm)
+                    await probe.read_ram_layout(conn, self.vm)
                 if followups.status:
                     followups.status = False
                     await probe.read_status(conn, self.vm)

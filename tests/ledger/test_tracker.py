@@ -50,3 +50,37 @@ async def test_scan_cost_is_charged_in_full_on_the_scanner_thread(
     assert vm.host.ledger.backed_bytes == 100 * 4096
     assert vm.host.scan_interval_seconds is not None
     assert vm.host.scan_interval_seconds >= BURN / 0.05  # the budget sets the pace
+
+
+async def test_a_view_dropped_during_a_scan_is_closed_after_it() -> None:
+    blocks = [GuestRamBlock(RamBlock("pc.ram", 4096, 0, 16 * MiB, 16 * MiB), "memdev-id")]
+    events: list[str] = []
+    scanning, release = threading.Event(), threading.Event()
+    with MemChild() as child, ThreadPoolExecutor(1) as scanner:
+        child.map("ram", "memfd", 16 * MiB)
+        view = HostView(child.pid, blocks)
+        real_scan, real_close = view.scan, view.close
+
+        def slow_scan() -> GuestRamScan | Unavailable:
+            scanning.set()
+            release.wait(5)
+            result = real_scan()  # opens the backing file's descriptor
+            events.append("scanned")
+            return result
+
+        def close() -> None:
+            real_close()
+            events.append("closed")
+
+        view.scan, view.close = slow_scan, close  # type: ignore[method-assign]
+        tracker = HostTracker(budget=0.05, scanner=scanner)
+        tracker.view = view
+        in_flight = scanner.submit(view.scan)
+        assert scanning.wait(5)
+        tracker.close()  # the VM is removed while its scan runs
+        assert tracker.view is None and events == []
+        release.set()
+        in_flight.result(5)
+        scanner.submit(lambda: None).result(5)  # the scanner has run what was queued
+        assert events == ["scanned", "closed"]
+        assert view._file_fds == {} and view._pagemap_fd is None  # nothing left open

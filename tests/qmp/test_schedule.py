@@ -78,5 +78,13 @@ def test_no_lock_when_the_guest_pushes_on_another_period_or_falls_behind() -> No
 
 def test_a_slow_poll_restarts_the_schedule_from_now() -> None:
     schedule = PollSchedule(INTERVAL, start=10.0)
-    assert schedule.advance(11.0, None, None) == 12.0
-    assert schedule.advance(15.5, None, None) == 17.5  # 14.0 had passed already
+    assert schedule.advance(10.0, None, None) == 12.0
+    assert schedule.advance(15.5, None, None) == 17.5  # 12.0 had passed long ago
+
+
+def test_polls_an_event_called_early_keep_the_deadline() -> None:
+    schedule = PollSchedule(INTERVAL, start=10.0)
+    assert schedule.advance(10.02, 1.5, 2) == pytest.approx(12.0 - 0.4)  # locked: 1.5 s old
+    for early in (10.3, 10.7, 11.1, 11.5):  # STOP, RESUME, ... each wake a poll
+        assert schedule.advance(early, 1.9, 2) == pytest.approx(11.6)
+    assert schedule.advance(11.62, 1.05, 2) == pytest.approx(13.6 + LOCK_DRIFT * INTERVAL)

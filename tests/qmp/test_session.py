@@ -114,6 +114,20 @@ async def test_events_update_state_and_journal(
     await stop(task)
 
 
+async def test_unplugged_device_makes_the_session_read_memory_and_layout_again(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: session.vm.up)
+    before = len(server.commands)
+    await server.emit("DEVICE_DELETED", {"device": "dimm1", "path": "/machine/peripheral/dimm1"})
+    await eventually(lambda: "x-query-ramblock" in server.commands[before:])
+    assert "query-memory-size-summary" in server.commands[before:]
+    assert session.vm.event_counts.get("DEVICE_DELETED") == 1
+    await stop(task)
+
+
 async def test_hung_monitor_is_dropped_and_others_keep_polling(
     settings: Settings, journal: Journal, fake_qmp: Any
 ) -> None:
@@ -183,7 +197,7 @@ async def test_polls_keep_to_their_schedule_however_long_a_poll_takes(
 ) -> None:
     # The guest pushes stats on its own fixed period; polls that slipped by their own duration
     # every cycle would drift away from it.
-    interval, work = 0.2, 0.05
+    interval, work = 0.2, 0.1
     polls: list[float] = []
 
     async def slow_hook(vm: Any, conn: Any) -> None:
@@ -199,4 +213,4 @@ async def test_polls_keep_to_their_schedule_however_long_a_poll_takes(
     await eventually(lambda: len(polls) >= 9, 5)
     await stop(task)
     span = polls[8] - polls[0]
-    assert 8 * interval - 0.02 <= span < 8 * (interval + work) - 0.1, span
+    assert 8 * interval - 0.02 <= span < 8 * (interval + work) - 0.2, span  # drift: >= 2.4 s
