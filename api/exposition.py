@@ -110,9 +110,6 @@ class Family:
     def header(self) -> str:
         return f"# HELP {self.name} {escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n"
 
-    def text(self) -> str:
-        return render((self,))
-
 
 def render(families: Iterable[Family]) -> str:
     """The families' text, in the order given."""
