@@ -58,6 +58,15 @@ def balloon_round_trip(rd: ReclaimdProcess, name: str, events_expected: bool = T
         30,
         "qemu_balloon_actual_bytes to converge to 300 MiB",
     )
+    if events_expected:
+        # QEMU rate-limits BALLOON_CHANGE to one a second: the last one may come after
+        # query-balloon already shows the target.
+        def last_change_at_target() -> bool:
+            events = rd.get(f"/api/v1/vms/{name}/events", limit=200)["events"]
+            changes = [e for e in events if e["name"] == "BALLOON_CHANGE"]
+            return bool(changes) and changes[0]["data"]["actual"] == target  # newest first
+
+        rd.wait_for(last_change_at_target, 5, "a BALLOON_CHANGE event with the target")
     events = rd.get(f"/api/v1/vms/{name}/events", limit=200)["events"]
     changes = [e for e in events if e["name"] == "BALLOON_CHANGE"]
     if events_expected:
