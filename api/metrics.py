@@ -19,45 +19,9 @@ from prometheus_client import generate_latest
 from api.exposition import Family, render, render_labels
 from api.version import VERSION
 from daemon.fleet import Fleet, VMState
+from daemon.guest_stats import STATS
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 
-# (metric, help, GuestStats field) for gauges and counters taken straight from guest stats.
-_STAT_GAUGES = (
-    ("qemu_guest_memory_total_bytes", "Guest total memory (MemTotal)", "total_bytes"),
-    ("qemu_guest_memory_free_bytes", "Guest free memory (MemFree)", "free_bytes"),
-    ("qemu_guest_memory_available_bytes", "Guest available memory", "available_bytes"),
-    (
-        "qemu_guest_disk_caches_bytes",
-        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped)",
-        "disk_caches_bytes",
-    ),
-)
-_STAT_COUNTERS = (
-    ("qemu_guest_swap_in_bytes", "Bytes the guest swapped in", "swap_in_bytes"),
-    ("qemu_guest_swap_out_bytes", "Bytes the guest swapped out", "swap_out_bytes"),
-    ("qemu_guest_major_faults", "Guest major page faults", "major_faults"),
-    ("qemu_guest_minor_faults", "Guest minor page faults", "minor_faults"),
-    ("qemu_guest_hugetlb_allocations", "Guest hugetlb page allocations", "hugetlb_allocations"),
-    ("qemu_guest_hugetlb_failures", "Guest hugetlb allocation failures", "hugetlb_failures"),
-    ("qemu_guest_oom_kills", "Guest OOM kills (QEMU 9.2+)", "oom_kills"),
-    ("qemu_guest_alloc_stalls", "Guest allocation stalls (QEMU 9.2+)", "alloc_stalls"),
-    ("qemu_guest_kswapd_scanned_bytes", "Bytes scanned by kswapd (QEMU 9.2+)", "async_scans"),
-    (
-        "qemu_guest_direct_scanned_bytes",
-        "Bytes scanned by direct reclaim (QEMU 9.2+)",
-        "direct_scans",
-    ),
-    (
-        "qemu_guest_kswapd_reclaimed_bytes",
-        "Bytes reclaimed by kswapd (QEMU 9.2+)",
-        "async_reclaims",
-    ),
-    (
-        "qemu_guest_direct_reclaimed_bytes",
-        "Bytes reclaimed directly (QEMU 9.2+)",
-        "direct_reclaims",
-    ),
-)
 RECLAIM_COMPONENTS = (
     "ballooned",
     "reported",
@@ -92,9 +56,11 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
         "1 when the balloon device offers free page reporting",
     )
     doom = Family("qemu_balloon_deflate_on_oom_enabled", "1 when deflate-on-oom is on")
-    stat_gauges = [(Family(n, h), f) for n, h, f in _STAT_GAUGES]
-    stat_counters = [(Family(n, h, "counter"), f) for n, h, f in _STAT_COUNTERS]
-    stat_families = (*stat_gauges, *stat_counters)
+    # Gauges first, then counters, each in the table's order (the golden file pins it).
+    stat_families = [
+        (Family(s.metric, s.help, s.kind), s.field)
+        for s in sorted(STATS, key=lambda s: s.kind != "gauge")
+    ]
     age = Family("qemu_guest_stats_age_seconds", "Seconds since the guest last updated stats")
     valid = Family("qemu_guest_stats_valid", "1 when guest stats passed checks, 0 when rejected")
     events = Family("qemu_events", "QMP events received from the VM, by event", "counter")
@@ -153,8 +119,7 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
         target,
         fpr,
         doom,
-        *(family for family, _ in stat_gauges),
-        *(family for family, _ in stat_counters),
+        *(family for family, _ in stat_families),
         age,
         valid,
         events,

@@ -7,12 +7,12 @@ A value that is unknown is ``null``, and where it matters a ``*_problem`` field 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from daemon.fleet import VMState
-from daemon.guest_stats import STAT_FIELDS, GuestStats
+from daemon.guest_stats import STATS, GuestStats
 
 
 class Health(BaseModel):
@@ -45,35 +45,34 @@ class Memory(BaseModel):
     memdevs: list[dict[str, Any]]
 
 
-class Stats(BaseModel):
-    """Guest statistics from the virtio-balloon driver: untrusted, checked before serving."""
-
+class _StatsHead(BaseModel):
     valid: bool = Field(description="false when the values were impossible and are withheld")
     problems: list[str]
     last_update: float | None
     age_seconds: float | None
-    free_bytes: int | None
-    total_bytes: int | None
-    available_bytes: int | None
-    disk_caches_bytes: int | None
-    swap_in_bytes: int | None
-    swap_out_bytes: int | None
-    major_faults: int | None
-    minor_faults: int | None
-    hugetlb_allocations: int | None
-    hugetlb_failures: int | None
-    oom_kills: int | None
-    alloc_stalls: int | None
-    async_scans: int | None
-    direct_scans: int | None
-    async_reclaims: int | None
-    direct_reclaims: int | None
+
+
+# One field per guest statistic, from the statistics table (daemon.guest_stats.STATS).
+if TYPE_CHECKING:
+    _StatValues = _StatsHead
+else:
+    _StatValues = create_model(
+        "StatValues",
+        __base__=_StatsHead,
+        **{
+            s.field: (int | None, Field(description=f"{s.help}; {s.kind}, {s.unit}"))
+            for s in STATS
+        },
+    )
+
+
+class Stats(_StatValues):
+    """Guest statistics from the virtio-balloon driver: untrusted, checked before serving."""
 
     @classmethod
     def from_stats(cls, stats: GuestStats, now: float) -> Stats:
-        values = {name: getattr(stats, name) for name in _STAT_FIELDS}
-        if not stats.valid:
-            values = dict.fromkeys(_STAT_FIELDS)  # never serve numbers we rejected
+        # Never serve numbers that were rejected.
+        values = {s.field: getattr(stats, s.field) if stats.valid else None for s in STATS}
         return cls(
             valid=stats.valid,
             problems=list(stats.problems),
@@ -81,9 +80,6 @@ class Stats(BaseModel):
             age_seconds=stats.age(now),
             **values,
         )
-
-
-_STAT_FIELDS = tuple(STAT_FIELDS.values())
 
 
 class VMSummary(BaseModel):

@@ -28,10 +28,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from api.metrics import _STAT_COUNTERS, _STAT_GAUGES, RECLAIM_COMPONENTS, exposition
+from api.metrics import RECLAIM_COMPONENTS, exposition
 from api.version import VERSION
 from daemon.fleet import Fleet, SessionState, VMState
-from daemon.guest_stats import GuestStats
+from daemon.guest_stats import STATS, GuestStats
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.ledger.estimate import Component, Estimate
 from daemon.ledger.ranges import LedgerSummary
@@ -168,11 +168,9 @@ class FleetCollector(Collector):
             "1 when the balloon device offers free page reporting",
         )
         doom = _gauge("qemu_balloon_deflate_on_oom_enabled", "1 when deflate-on-oom is on")
-        stat_gauges: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
-            (_gauge(n, h), f) for n, h, f in _STAT_GAUGES
-        ]
-        stat_counters: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
-            (_counter(n, h), f) for n, h, f in _STAT_COUNTERS
+        stat_families: list[tuple[GaugeMetricFamily | CounterMetricFamily, str]] = [
+            ((_gauge if s.kind == "gauge" else _counter)(s.metric, s.help), s.field)
+            for s in sorted(STATS, key=lambda s: s.kind != "gauge")
         ]
         age = _gauge("qemu_guest_stats_age_seconds", "Seconds since the guest last updated stats")
         valid = _gauge(
@@ -209,15 +207,14 @@ class FleetCollector(Collector):
                 if stats_age is not None:
                     age.add_metric(labels, stats_age)
                 if stats.valid:
-                    for family, field in (*stat_gauges, *stat_counters):
+                    for family, field in stat_families:
                         value = getattr(stats, field)
                         if value is not None:
                             family.add_metric(labels, value)
             host.add(vm)
 
         yield from (up, info, running, memory, actual, target, fpr, doom)
-        yield from (family for family, _ in stat_gauges)
-        yield from (family for family, _ in stat_counters)
+        yield from (family for family, _ in stat_families)
         yield from (age, valid, events)
         yield from host.families()
         vm_count = _gauge("reclaimd_vms", "VMs known to reclaimd", ())

@@ -12,43 +12,14 @@ every stat is 2^64-1 and ``last-update`` is 0, and a stat the guest's kernel doe
 (no CONFIG_VM_EVENT_COUNTERS, no CONFIG_HUGETLB_PAGE, a kernel older than the stat) stays 2^64-1
 after updates too. QEMU 9.2 added the six stats Linux 6.12 sends (oom kills to direct reclaims).
 
-Units, from the Linux driver (drivers/virtio/virtio_balloon.c, update_balloon_stats() and
-update_balloon_vm_stats(); include/uapi/linux/virtio_balloon.h). "Counter" means a cumulative
-count since the guest booted, which restarts at a guest reboot:
-
-=========================  ======================  ==========================================
-QMP name                   field                   meaning (kernel source) and unit
-=========================  ======================  ==========================================
-stat-swap-in               swap_in_bytes           counter, bytes: pages_to_bytes(PSWPIN)
-stat-swap-out              swap_out_bytes          counter, bytes: pages_to_bytes(PSWPOUT)
-stat-major-faults          major_faults            counter, faults: PGMAJFAULT
-stat-minor-faults          minor_faults            counter, faults: PGFAULT (all faults,
-                                                   major ones included)
-stat-free-memory           free_bytes              gauge, bytes: si_meminfo() freeram
-stat-total-memory          total_bytes             gauge, bytes: si_meminfo() totalram (RAM the
-                                                   kernel manages: less than the VM's RAM, and
-                                                   without the balloon unless deflate-on-oom)
-stat-available-memory      available_bytes         gauge, bytes: si_mem_available(), as
-                                                   MemAvailable in /proc/meminfo
-stat-disk-caches           disk_caches_bytes       gauge, bytes: NR_FILE_PAGES (page cache,
-                                                   including shmem/tmpfs and swap cache)
-stat-htlb-pgalloc          hugetlb_allocations     counter, allocations: HTLB_BUDDY_PGALLOC
-stat-htlb-pgfail           hugetlb_failures        counter, failed allocations:
-                                                   HTLB_BUDDY_PGALLOC_FAIL
-stat-oom-kills             oom_kills               counter, OOM kills: OOM_KILL
-stat-alloc-stalls          alloc_stalls            counter, allocations that entered direct
-                                                   reclaim: sum of ALLOCSTALL_<zone>
-stat-async-scans           async_scans             counter, bytes scanned by kswapd:
-                                                   pages_to_bytes(PGSCAN_KSWAPD)
-stat-direct-scans          direct_scans            counter, bytes scanned in direct reclaim:
-                                                   pages_to_bytes(PGSCAN_DIRECT)
-stat-async-reclaims        async_reclaims          counter, bytes reclaimed by kswapd:
-                                                   pages_to_bytes(PGSTEAL_KSWAPD)
-stat-direct-reclaims       direct_reclaims         counter, bytes reclaimed in direct reclaim:
-                                                   pages_to_bytes(PGSTEAL_DIRECT)
-=========================  ======================  ==========================================
-
-The four scan/reclaim stats are bytes although their field names do not say so.
+Each statistic is one row of ``STATS``, written on its ``GuestStats`` field: the QMP name, the
+field, gauge or counter, the unit, the metric and what the Linux driver sends
+(drivers/virtio/virtio_balloon.c, update_balloon_stats() and update_balloon_vm_stats();
+include/uapi/linux/virtio_balloon.h). A counter is cumulative since the guest booted and
+restarts at a guest reboot. The four scan/reclaim stats are bytes although their QMP names do
+not say so; minor faults count all faults, major ones included. Total memory is what the guest
+kernel manages (totalram): less than the VM's RAM, and without the balloon unless
+deflate-on-oom is on.
 """
 
 from __future__ import annotations
@@ -56,16 +27,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
 
 __all__ = [
-    "COUNTER_FIELDS",
     "FUTURE_TOLERANCE_S",
-    "STAT_FIELDS",
+    "STATS",
     "UNSET",
     "GuestStats",
-    "counters_went_backwards",
+    "StatSpec",
     "format_guest_stats",
     "parse_guest_stats",
 ]
@@ -79,44 +49,39 @@ FUTURE_TOLERANCE_S: Final = 10.0
 #: Unknown stat names kept per reply, so a hostile peer cannot make a reply arbitrarily large.
 MAX_UNKNOWN: Final = 64
 
-#: QMP stat name -> GuestStats field.
-STAT_FIELDS: Final[Mapping[str, str]] = {
-    "stat-swap-in": "swap_in_bytes",
-    "stat-swap-out": "swap_out_bytes",
-    "stat-major-faults": "major_faults",
-    "stat-minor-faults": "minor_faults",
-    "stat-free-memory": "free_bytes",
-    "stat-total-memory": "total_bytes",
-    "stat-available-memory": "available_bytes",
-    "stat-disk-caches": "disk_caches_bytes",
-    "stat-htlb-pgalloc": "hugetlb_allocations",
-    "stat-htlb-pgfail": "hugetlb_failures",
-    "stat-oom-kills": "oom_kills",
-    "stat-alloc-stalls": "alloc_stalls",
-    "stat-async-scans": "async_scans",
-    "stat-direct-scans": "direct_scans",
-    "stat-async-reclaims": "async_reclaims",
-    "stat-direct-reclaims": "direct_reclaims",
-}
-_FIELD_STATS: Final = {name: stat for stat, name in STAT_FIELDS.items()}
+StatKind = Literal["gauge", "counter"]
 
-#: Fields that only grow while the guest runs (cumulative since its boot).
-COUNTER_FIELDS: Final = (
-    "swap_in_bytes",
-    "swap_out_bytes",
-    "major_faults",
-    "minor_faults",
-    "hugetlb_allocations",
-    "hugetlb_failures",
-    "oom_kills",
-    "alloc_stalls",
-    "async_scans",
-    "direct_scans",
-    "async_reclaims",
-    "direct_reclaims",
-)
-# Sizes that cannot exceed the guest's total memory.
-_PARTS_OF_TOTAL: Final = ("free_bytes", "available_bytes", "disk_caches_bytes")
+
+@dataclass(frozen=True)
+class StatSpec:
+    """One guest statistic: how QMP names it, the ``GuestStats`` field, and its metric.
+
+    This table is the one description of the statistics: the parser, the REST schema, the
+    metrics and the simulated guest all derive from it (see ``STATS``).
+    """
+
+    qmp: str  # the ``stat-*`` name in QEMU's ``guest-stats`` reply
+    field: str  # the ``GuestStats`` attribute
+    kind: StatKind  # gauge, or counter (cumulative since the guest booted)
+    unit: str  # bytes, faults, allocations, kills, stalls
+    metric: str  # Prometheus family (a counter's without ``_total``)
+    help: str
+    kernel: str  # what the Linux driver sends
+    since: tuple[int, int]  # the QEMU version that first reports it
+
+
+def _stat(
+    qmp: str,
+    kind: StatKind,
+    unit: str,
+    metric: str,
+    help: str,
+    kernel: str,
+    since: tuple[int, int] = (7, 2),
+) -> Any:
+    """A ``GuestStats`` field described by its row of the statistics table."""
+    row = (qmp, kind, unit, metric, help, kernel, since)
+    return field(default=None, metadata={"stat": row})
 
 
 @dataclass(frozen=True)
@@ -127,26 +92,82 @@ class GuestStats:
     ``valid`` is False when anything in the reply was malformed or impossible; ``problems``
     says what. Values that contradict each other (free above total, total above the VM's RAM)
     are all set to None, because which one is wrong cannot be told: they are never served.
+
+    Each statistic's field carries its row of the table (``STATS``), in QEMU's order.
     """
 
     last_update: float | None = None
     """When QEMU received the stats (host wall clock, whole seconds); None: never."""
-    swap_in_bytes: int | None = None
-    swap_out_bytes: int | None = None
-    major_faults: int | None = None
-    minor_faults: int | None = None
-    free_bytes: int | None = None
-    total_bytes: int | None = None
-    available_bytes: int | None = None
-    disk_caches_bytes: int | None = None
-    hugetlb_allocations: int | None = None
-    hugetlb_failures: int | None = None
-    oom_kills: int | None = None
-    alloc_stalls: int | None = None
-    async_scans: int | None = None
-    direct_scans: int | None = None
-    async_reclaims: int | None = None
-    direct_reclaims: int | None = None
+    # fmt: off
+    # (QMP name, kind, unit, metric, help, what the Linux driver sends[, QEMU version])
+    swap_in_bytes: int | None = _stat(
+        "stat-swap-in", "counter", "bytes", "qemu_guest_swap_in_bytes",
+        "Bytes the guest swapped in", "pages_to_bytes(PSWPIN)",
+    )
+    swap_out_bytes: int | None = _stat(
+        "stat-swap-out", "counter", "bytes", "qemu_guest_swap_out_bytes",
+        "Bytes the guest swapped out", "pages_to_bytes(PSWPOUT)",
+    )
+    major_faults: int | None = _stat(
+        "stat-major-faults", "counter", "faults", "qemu_guest_major_faults",
+        "Guest major page faults", "PGMAJFAULT",
+    )
+    minor_faults: int | None = _stat(
+        "stat-minor-faults", "counter", "faults", "qemu_guest_minor_faults",
+        "Guest minor page faults", "PGFAULT (all faults, major ones included)",
+    )
+    free_bytes: int | None = _stat(
+        "stat-free-memory", "gauge", "bytes", "qemu_guest_memory_free_bytes",
+        "Guest free memory (MemFree)", "si_meminfo() freeram",
+    )
+    total_bytes: int | None = _stat(
+        "stat-total-memory", "gauge", "bytes", "qemu_guest_memory_total_bytes",
+        "Guest total memory (MemTotal)", "si_meminfo() totalram",
+    )
+    available_bytes: int | None = _stat(
+        "stat-available-memory", "gauge", "bytes", "qemu_guest_memory_available_bytes",
+        "Guest available memory", "si_mem_available(), MemAvailable in /proc/meminfo",
+    )
+    disk_caches_bytes: int | None = _stat(
+        "stat-disk-caches", "gauge", "bytes", "qemu_guest_disk_caches_bytes",
+        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped)",
+        "NR_FILE_PAGES (page cache, shmem/tmpfs and swap cache)",
+    )
+    hugetlb_allocations: int | None = _stat(
+        "stat-htlb-pgalloc", "counter", "allocations", "qemu_guest_hugetlb_allocations",
+        "Guest hugetlb page allocations", "HTLB_BUDDY_PGALLOC",
+    )
+    hugetlb_failures: int | None = _stat(
+        "stat-htlb-pgfail", "counter", "allocations", "qemu_guest_hugetlb_failures",
+        "Guest hugetlb allocation failures", "HTLB_BUDDY_PGALLOC_FAIL",
+    )
+    oom_kills: int | None = _stat(
+        "stat-oom-kills", "counter", "kills", "qemu_guest_oom_kills",
+        "Guest OOM kills (QEMU 9.2+)", "OOM_KILL", (9, 2),
+    )
+    alloc_stalls: int | None = _stat(
+        "stat-alloc-stalls", "counter", "stalls", "qemu_guest_alloc_stalls",
+        "Guest allocation stalls (QEMU 9.2+)", "sum of ALLOCSTALL_<zone>", (9, 2),
+    )
+    async_scans: int | None = _stat(
+        "stat-async-scans", "counter", "bytes", "qemu_guest_kswapd_scanned_bytes",
+        "Bytes scanned by kswapd (QEMU 9.2+)", "pages_to_bytes(PGSCAN_KSWAPD)", (9, 2),
+    )
+    direct_scans: int | None = _stat(
+        "stat-direct-scans", "counter", "bytes", "qemu_guest_direct_scanned_bytes",
+        "Bytes scanned by direct reclaim (QEMU 9.2+)", "pages_to_bytes(PGSCAN_DIRECT)",
+        (9, 2),
+    )
+    async_reclaims: int | None = _stat(
+        "stat-async-reclaims", "counter", "bytes", "qemu_guest_kswapd_reclaimed_bytes",
+        "Bytes reclaimed by kswapd (QEMU 9.2+)", "pages_to_bytes(PGSTEAL_KSWAPD)",
+        (9, 2),
+    )
+    direct_reclaims: int | None = _stat(
+        "stat-direct-reclaims", "counter", "bytes", "qemu_guest_direct_reclaimed_bytes",
+        "Bytes reclaimed directly (QEMU 9.2+)", "pages_to_bytes(PGSTEAL_DIRECT)", (9, 2),
+    )
+    # fmt: on
     valid: bool = True
     problems: tuple[str, ...] = ()
     unknown: dict[str, int] = field(default_factory=dict, hash=False)
@@ -164,6 +185,18 @@ class GuestStats:
         return self.last_update is not None
 
 
+#: The statistics table, in QEMU's order (``balloon_stat_names`` in hw/virtio/virtio-balloon.c).
+STATS: Final[tuple[StatSpec, ...]] = tuple(
+    StatSpec(f.metadata["stat"][0], f.name, *f.metadata["stat"][1:])
+    for f in fields(GuestStats)
+    if "stat" in f.metadata
+)
+_BY_QMP: Final = {s.qmp: s.field for s in STATS}
+_QMP_NAME: Final = {s.field: s.qmp for s in STATS}
+# Sizes that cannot exceed the guest's total memory.
+_PARTS_OF_TOTAL: Final = ("free_bytes", "available_bytes", "disk_caches_bytes")
+
+
 def parse_guest_stats(
     reply: object, *, ram_bytes: int | None = None, now: float | None = None
 ) -> GuestStats:
@@ -176,7 +209,6 @@ def parse_guest_stats(
     Checks: the reply's shape; each value an integer in [0, 2^63-1] or UNSET; free, available
     and disk caches at most total; total at most ``ram_bytes``; values present only once
     ``last-update`` is set; ``last-update`` not more than FUTURE_TOLERANCE_S in the future.
-    Counters going backwards need the previous reply: see :func:`counters_went_backwards`.
     """
     problems: list[str] = []
     if not isinstance(reply, Mapping):
@@ -198,7 +230,7 @@ def parse_guest_stats(
     values: dict[str, Any] = {}  # GuestStats field -> int | None
     unknown: dict[str, int] = {}
     for key, raw in stats.items():
-        name = STAT_FIELDS.get(key) if isinstance(key, str) else None
+        name = _BY_QMP.get(key) if isinstance(key, str) else None
         if name is None:
             # A newer QEMU's stat: kept for display, but its meaning is unknown, so it never
             # invalidates the reply.
@@ -222,31 +254,14 @@ def parse_guest_stats(
     )
 
 
-def counters_went_backwards(prev: GuestStats, cur: GuestStats) -> list[str]:
-    """What decreased from ``prev`` to ``cur``: each counter present in both that went down,
-    and ``last-update`` itself. Empty when nothing did.
-
-    A guest reboot resets every counter, so a decrease is either a reboot or bad data; the
-    caller, which knows about resets (RESET/SHUTDOWN events), decides which.
-    """
-    found: list[str] = []
-    was, now = prev.last_update, cur.last_update
-    if was is not None and now is not None and now < was:
-        found.append(f"last-update went back from {was:.0f} to {now:.0f}")
-    for name in COUNTER_FIELDS:
-        before, after = getattr(prev, name), getattr(cur, name)
-        if before is not None and after is not None and after < before:
-            found.append(f"{_FIELD_STATS[name]} went back from {before} to {after}")
-    return found
-
-
-def format_guest_stats(stats: GuestStats) -> dict[str, Any]:
-    """The ``qom-get guest-stats`` reply QEMU 9.2+ would give for ``stats`` (None -> UNSET);
-    for the simulated guest and tests. ``parse_guest_stats`` of it gives ``stats`` back."""
-    values = {stat: getattr(stats, name) for stat, name in STAT_FIELDS.items()}
+def format_guest_stats(stats: GuestStats, since: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``qom-get guest-stats`` reply QEMU gives for ``stats`` (None -> UNSET), with the
+    statistics a QEMU of version ``since`` knows (default: all); for the simulated guest and
+    tests. ``parse_guest_stats`` of it gives ``stats`` back."""
+    known = (s for s in STATS if since is None or s.since <= since)
     return {
         "stats": {
-            **{stat: UNSET if value is None else value for stat, value in values.items()},
+            **{s.qmp: UNSET if (v := getattr(stats, s.field)) is None else v for s in known},
             **stats.unknown,
         },
         "last-update": 0 if stats.last_update is None else int(stats.last_update),
@@ -304,7 +319,7 @@ def _check_sizes(values: dict[str, Any], ram_bytes: int | None, problems: list[s
         value = values.get(name)
         if value is None:
             continue
-        label = _FIELD_STATS[name].removeprefix("stat-").replace("-memory", "")
+        label = _QMP_NAME[name].removeprefix("stat-").replace("-memory", "")
         if total is not None and value > total:
             problems.append(f"{label} {_size(value)} > total {_size(total)}")
             rejected.update((name, "total_bytes"))

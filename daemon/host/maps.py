@@ -30,8 +30,8 @@ from typing import Literal
 
 from daemon.host.ramblocks import GuestRamBlock
 from daemon.host.unavailable import Reason, Unavailable, from_os_error
+from daemon.model.constants import PAGE_SIZE
 
-PAGE_SIZE = 4096
 MEMFD_NAME = "/memfd:memory-backend-memfd (deleted)"
 SHARED_ANON_NAME = "/dev/zero (deleted)"
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from daemon.host import bitmap
 from daemon.host.bitmap import Bits
+from daemon.model.constants import PAGE_SIZE
 
-PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 # include/uapi/linux/fs.h

@@ -52,7 +52,6 @@ from daemon.host.maps import (
 )
 from daemon.host.ramblocks import GuestRamBlock, parse_ramblocks, select_guest_ram
 from daemon.host.residency import (
-    PAGE_SIZE,
     Method,
     Snapshot,
     pagemap_scan_supported,
@@ -61,6 +60,7 @@ from daemon.host.residency import (
     scan_seek_data,
 )
 from daemon.host.unavailable import Reason, Unavailable, from_os_error
+from daemon.model.constants import PAGE_SIZE
 
 # statfs(2) f_type of the filesystems whose SEEK_DATA tells which pages are in memory.
 TMPFS_MAGIC = 0x01021994

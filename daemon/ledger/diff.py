@@ -39,10 +39,9 @@ from numpy.typing import NDArray
 
 from daemon.host import bitmap
 from daemon.host.bitmap import Bits
+from daemon.model.constants import MAX_PAGE_ORDER
 
-PAGE_SIZE = 4096
 DEFAULT_MIN_ORDER = 9  # pageblock_order: page_reporting_order's default
-MAX_PAGE_ORDER = 10  # x86-64: the largest buddy block, 4 MiB
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,9 +38,9 @@ from daemon.host import bitmap
 from daemon.host.bitmap import Bits
 from daemon.host.mtree import GuestPhysMap
 from daemon.host.view import BlockScan, GuestRamScan
-from daemon.ledger.diff import DEFAULT_MIN_ORDER, MAX_PAGE_ORDER, Changes, diff_blocks
+from daemon.ledger.diff import DEFAULT_MIN_ORDER, Changes, diff_blocks
+from daemon.model.constants import MAX_PAGE_ORDER, PAGE_SIZE
 
-PAGE_SIZE = 4096
 FACTS_HORIZON = 3600.0  # seconds of per-scan totals kept for reporting_facts()
 
 

@@ -20,7 +20,7 @@ Running a guest (``daemon.simguest``, benchmarks, ``reclaimd simulate``)::
     log = sim.drain_log()                              # SimLog: allocated, freed, reported
     taken = sim.balloon.inflate(1024)                  # PFNs taken (order-0 pages)
     given = sim.balloon.deflate(512)                   # PFNs given back
-    stats = sim.stats()                                # GuestStats: stat_free_memory, ...
+    info = sim.meminfo()                               # MemInfo: free_pages, ...
     truth = sim.page_states()                          # per page: PAGE_USED/FREE/REPORTED/...
 
 * ``SimConfig(ram_bytes, engine="upstream" | "boundary" | "bitmap" | "perpage" | "isolate" |
@@ -34,9 +34,9 @@ Running a guest (``daemon.simguest``, benchmarks, ``reclaimd simulate``)::
 * ``Simulation.balloon``: ``inflate(n) -> list[int]`` allocates ``n`` order-0 movable pages
   (fewer if memory runs out) and hands them to the host; ``deflate(n) -> list[int]`` frees the
   most recently inflated pages. (Kernels that balloon pageblock-order pages are not modelled.)
-* ``Simulation.stats() -> GuestStats``: the virtio-balloon statistics a Linux guest reports
-  (``stat_free_memory``, ``stat_total_memory``, ``stat_available_memory``, ``stat_disk_caches``,
-  ``stat_major_faults``, ``stat_minor_faults``), in bytes and counts. The ``pagecache``
+* ``Simulation.meminfo() -> MemInfo``: the guest kernel's memory counters, from which its
+  virtio-balloon driver reports (``free_pages``, ``total_pages``, ``available_pages``,
+  ``file_pages``, ``pgmajfault``, ``pgfault``), in pages and counts. The ``pagecache``
   workload keeps reclaimable cache, so available exceeds free.
 * ``Simulation.page_states() -> uint8 array``: ground truth per page (``PAGE_USED``,
   ``PAGE_FREE``, ``PAGE_REPORTED``, ``PAGE_BALLOONED``); ``block_states(states, order)`` folds
@@ -99,7 +99,7 @@ from .simulation import (
     SimLog,
     Simulation,
 )
-from .stats import GuestStats
+from .stats import MemInfo
 from .workloads import WORKLOADS, TraceWorkload, make_workload, parse_trace
 
 
@@ -140,8 +140,8 @@ __all__ = [
     "Engine",
     "FreeFit",
     "FreeSplit",
-    "GuestStats",
     "Host",
+    "MemInfo",
     "SimClock",
     "SimConfig",
     "SimLog",

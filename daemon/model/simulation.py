@@ -28,7 +28,7 @@ from .constants import (
 from .engines import Engine, make_engine
 from .host import BALLOONED, REPORTED, Host
 from .pagecache import PageCache
-from .stats import GuestStats, guest_stats
+from .stats import MemInfo, meminfo
 
 BlockCallback = Callable[[int, int], None]  # (pfn, order)
 ReportCallback = Callable[[int, int, float], None]  # (pfn, order, time)
@@ -246,8 +246,9 @@ class Simulation:
         log, self.log = self.log, SimLog()
         return log
 
-    def stats(self) -> GuestStats:
-        return guest_stats(
+    def meminfo(self) -> MemInfo:
+        """The guest kernel's memory counters now (what its balloon driver reports from)."""
+        return meminfo(
             self.alloc, len(self.cache), len(self.balloon), self.major_faults, self.minor_faults
         )
 

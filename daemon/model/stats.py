@@ -1,28 +1,29 @@
-"""Guest statistics as a Linux virtio-balloon driver reports them (VIRTIO_BALLOON_S_*)."""
+"""What the guest kernel's counters say about its memory: ``si_meminfo()`` and vm events.
+
+The model keeps the kernel's own quantities, in pages and counts. Turning them into
+virtio-balloon statistics is the balloon driver's job (``update_balloon_stats()`` in
+drivers/virtio/virtio_balloon.c), which the simulated guest does (``daemon.simguest``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .buddy import BuddyAllocator
-from .constants import PAGE_SIZE
 
 
 @dataclass(frozen=True)
-class GuestStats:
-    """Bytes and counts under the names QEMU's ``guest-stats`` property uses."""
+class MemInfo:
+    """The guest kernel's memory counters at one moment."""
 
-    stat_free_memory: int  # MEMFREE: NR_FREE_PAGES (buddy lists, not per-CPU lists)
-    stat_total_memory: int  # MEMTOT: totalram, less pages the balloon holds
-    stat_available_memory: int  # AVAIL: si_mem_available()
-    stat_disk_caches: int  # CACHES: NR_FILE_PAGES
-    stat_major_faults: int
-    stat_minor_faults: int
-    stat_swap_in: int = 0
-    stat_swap_out: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    free_pages: int  # NR_FREE_PAGES: the buddy lists, not the per-CPU lists
+    total_pages: int  # totalram_pages(): managed pages, less those the balloon holds
+    available_pages: int  # si_mem_available()
+    file_pages: int  # NR_FILE_PAGES: the page cache
+    pgmajfault: int
+    pgfault: int
+    pswpin: int = 0
+    pswpout: int = 0
 
 
 def si_mem_available(alloc: BuddyAllocator, cache_pages: int) -> int:
@@ -35,18 +36,18 @@ def si_mem_available(alloc: BuddyAllocator, cache_pages: int) -> int:
     return max(available, 0)
 
 
-def guest_stats(
+def meminfo(
     alloc: BuddyAllocator,
     cache_pages: int,
     balloon_pages: int,
     major_faults: int,
     minor_faults: int,
-) -> GuestStats:
-    return GuestStats(
-        stat_free_memory=sum(alloc.zone_free) * PAGE_SIZE,
-        stat_total_memory=(alloc.managed_pages - balloon_pages) * PAGE_SIZE,
-        stat_available_memory=si_mem_available(alloc, cache_pages) * PAGE_SIZE,
-        stat_disk_caches=cache_pages * PAGE_SIZE,
-        stat_major_faults=major_faults,
-        stat_minor_faults=minor_faults,
+) -> MemInfo:
+    return MemInfo(
+        free_pages=sum(alloc.zone_free),
+        total_pages=alloc.managed_pages - balloon_pages,
+        available_pages=si_mem_available(alloc, cache_pages),
+        file_pages=cache_pages,
+        pgmajfault=major_faults,
+        pgfault=minor_faults,
     )

@@ -12,9 +12,11 @@ timer fires at once, and each push re-arms it one interval later.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from daemon.guest_stats import STATS, GuestStats, format_guest_stats
 from daemon.simguest import qom
 from daemon.simguest.events import EventBus
 from daemon.simguest.schema import INT64_MAX, UINT64_MAX
@@ -22,19 +24,9 @@ from daemon.simguest.wire import QMPError, generic
 
 VIRTIO_BALLOON_PFN_SHIFT = 12
 UNAVAILABLE = UINT64_MAX
+QEMU_VERSION = (7, 2)
 # The statistics QEMU 7.2 knows, in the order of its ``balloon_stat_names``.
-STAT_NAMES = (
-    "stat-swap-in",
-    "stat-swap-out",
-    "stat-major-faults",
-    "stat-minor-faults",
-    "stat-free-memory",
-    "stat-total-memory",
-    "stat-available-memory",
-    "stat-disk-caches",
-    "stat-htlb-pgalloc",
-    "stat-htlb-pgfail",
-)
+STAT_NAMES = tuple(s.qmp for s in STATS if s.since <= QEMU_VERSION)
 PCI_TYPE = "virtio-balloon-pci"
 DEVICE_TYPE = "virtio-balloon-device"
 
@@ -60,7 +52,7 @@ class BalloonDevice:
         self._wall_clock = wall_clock
         self.num_pages = 0  # target inflation in 4 KiB pages, written by QMP ``balloon``
         self.actual_pages = 0  # inflation the guest driver last reported
-        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, UNAVAILABLE)
+        self.stats = GuestStats()  # what the guest pushed last; None: unavailable
         self.stats_last_update = 0
         self.poll_interval = 0
         self._next_poll: float | None = None  # virtual-clock time of the next stats request
@@ -92,12 +84,10 @@ class BalloonDevice:
             self.actual_pages = pages
             self._events.emit("BALLOON_CHANGE", {"actual": self.actual_bytes})
 
-    def receive_stats(self, values: Mapping[str, int], now: float) -> None:
-        """The driver pushed a stats buffer; ``now`` is the virtual clock."""
-        self.stats = dict.fromkeys(STAT_NAMES, UNAVAILABLE)
-        for name, value in values.items():
-            if name in self.stats:
-                self.stats[name] = value & UINT64_MAX
+    def receive_stats(self, stats: GuestStats, now: float) -> None:
+        """The driver pushed a stats buffer; ``now`` is the virtual clock. What the guest did
+        not send reads as unavailable, and what this QEMU does not know is never shown."""
+        self.stats = stats
         self.stats_last_update = int(self._wall_clock())
         self._next_poll = now + self.poll_interval if self.poll_interval > 0 else None
 
@@ -140,7 +130,8 @@ class BalloonDevice:
             self._next_poll = now
 
     def guest_stats(self) -> dict[str, Any]:
-        return {"stats": dict(self.stats), "last-update": self.stats_last_update}
+        pushed = replace(self.stats, last_update=self.stats_last_update or None, unknown={})
+        return format_guest_stats(pushed, since=QEMU_VERSION)
 
     # The QOM objects: the PCI proxy ``balloon0`` and its ``virtio-backend`` child
 

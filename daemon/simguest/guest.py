@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from daemon.guest_stats import GuestStats
 from daemon.simguest.commands import MachineCommands
 from daemon.simguest.events import EventBus
 from daemon.simguest.machine import Machine, MachineConfig
@@ -42,8 +43,8 @@ class GuestOS(Protocol):
         """Inflate or deflate by at most ``max_pages`` toward ``target_pages``; returns the
         balloon's size in pages (what the driver writes to ``actual``)."""
 
-    def stats(self) -> dict[str, int]:
-        """The statistics the balloon driver pushes (``stat-*`` names, bytes or counts)."""
+    def stats(self) -> GuestStats:
+        """The statistics the balloon driver pushes."""
 
     def page_states(self) -> PageStates: ...
 

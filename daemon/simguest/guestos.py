@@ -15,7 +15,7 @@ state at the end of the step, so a page allocated, freed and reported within one
 reported and then reused) ends up exactly as the host would have it.
 
 Guest statistics are the ones a Linux 6.1 virtio_balloon driver sends (``update_balloon_stats``):
-all ten tags QEMU 7.2 knows, HugeTLB counters zero.
+the ten tags QEMU 7.2 knows, HugeTLB counters zero.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from daemon.guest_stats import GuestStats
 from daemon.model import MAX_PAGE_ORDER, WORKLOADS, SimConfig, SimLog, Simulation, make_workload
 from daemon.model.constants import PG_FREE_MASK, PG_REPORTED, PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT
@@ -100,25 +101,26 @@ class ModelGuestOS:
             balloon.deflate(min(max_pages, have - target_pages))
         return len(balloon)
 
-    def stats(self) -> dict[str, int]:
-        s = self.sim.stats()
-        total = s.stat_total_memory
+    def stats(self) -> GuestStats:
+        """What ``update_balloon_stats()`` sends: the kernel's counters, pages in bytes."""
+        info = self.sim.meminfo()
+        total = info.total_pages
         if self._deflate_on_oom:
             # With deflate-on-oom the driver leaves totalram alone (adjust_managed_page_count
             # is skipped), so ballooned pages still count in MemTotal.
-            total += len(self.sim.balloon) * PAGE_SIZE
-        return {
-            "stat-swap-in": s.stat_swap_in,
-            "stat-swap-out": s.stat_swap_out,
-            "stat-major-faults": s.stat_major_faults,
-            "stat-minor-faults": s.stat_minor_faults,
-            "stat-free-memory": s.stat_free_memory,
-            "stat-total-memory": total,
-            "stat-available-memory": s.stat_available_memory,
-            "stat-disk-caches": s.stat_disk_caches,
-            "stat-htlb-pgalloc": 0,
-            "stat-htlb-pgfail": 0,
-        }
+            total += len(self.sim.balloon)
+        return GuestStats(
+            swap_in_bytes=info.pswpin * PAGE_SIZE,
+            swap_out_bytes=info.pswpout * PAGE_SIZE,
+            major_faults=info.pgmajfault,
+            minor_faults=info.pgfault,
+            free_bytes=info.free_pages * PAGE_SIZE,
+            total_bytes=total * PAGE_SIZE,
+            available_bytes=info.available_pages * PAGE_SIZE,
+            disk_caches_bytes=info.file_pages * PAGE_SIZE,
+            hugetlb_allocations=0,
+            hugetlb_failures=0,
+        )
 
     def page_states(self) -> PageStates:
         alloc = self.sim.alloc

@@ -19,7 +19,6 @@ from daemon.simguest.events import EventBus
 QEMU_VERSION = (7, 2, 0)
 MACHINE_TYPE = "pc-i440fx-7.2-machine"
 MEMDEV_TYPE = "memory-backend-memfd"
-PAGE_SIZE = 4096
 # How long a guest takes to act on the ACPI power button before it powers off.
 ACPI_SHUTDOWN_SECONDS = 0.5
 

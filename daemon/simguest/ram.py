@@ -20,7 +20,8 @@ import os
 import numpy as np
 import numpy.typing as npt
 
-PAGE_SIZE = 4096
+from daemon.model.constants import PAGE_SIZE
+
 MEMFD_NAME = "memory-backend-memfd"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

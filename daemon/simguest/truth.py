@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from daemon.model.constants import PAGE_SIZE
+
 FORMAT = 1
-PAGE_SIZE = 4096
 BLOCK_BYTES = 2 << 20  # pageblock_order 9: the granule of the per-block counts
 TRUTH_SUFFIX = ".truth"
 

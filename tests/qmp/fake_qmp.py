@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SENTINEL = 2**64 - 1
+from daemon.guest_stats import STATS, GuestStats, format_guest_stats
+
 MiB = 1024 * 1024
 
 
@@ -196,39 +197,19 @@ class FakeQMPServer:
             return {"return": False}
         if prop == "guest-stats":
             if not vm.stats_updated:
-                return {
-                    "return": {
-                        "stats": dict.fromkeys(_STAT_NAMES, SENTINEL),
-                        "last-update": 0,
-                    }
-                }
-            values = dict.fromkeys(_STAT_NAMES, 0)
-            values.update(
-                {
-                    "stat-free-memory": vm.free,
-                    "stat-total-memory": vm.total,
-                    "stat-available-memory": vm.available,
-                    "stat-disk-caches": vm.caches,
-                    "stat-htlb-pgalloc": SENTINEL,
-                    "stat-htlb-pgfail": SENTINEL,
-                }
+                return {"return": format_guest_stats(GuestStats(), since=(7, 2))}
+            stats = GuestStats(
+                last_update=vm.stats_time or int(time.time()),
+                **{s.field: 0 for s in STATS if s.kind == "counter"},
+                free_bytes=vm.free,
+                total_bytes=vm.total,
+                available_bytes=vm.available,
+                disk_caches_bytes=vm.caches,
+                hugetlb_allocations=None,  # a guest kernel without HugeTLB sends none
+                hugetlb_failures=None,
             )
-            return {"return": {"stats": values, "last-update": vm.stats_time or int(time.time())}}
+            return {"return": format_guest_stats(stats, since=(7, 2))}
         return _error("GenericError", f"Property '{prop}' not found")
-
-
-_STAT_NAMES = (
-    "stat-swap-in",
-    "stat-swap-out",
-    "stat-major-faults",
-    "stat-minor-faults",
-    "stat-free-memory",
-    "stat-total-memory",
-    "stat-available-memory",
-    "stat-disk-caches",
-    "stat-htlb-pgalloc",
-    "stat-htlb-pgfail",
-)
 
 
 def _error(cls: str, desc: str) -> dict[str, Any]:
