@@ -60,8 +60,7 @@ else:
         "StatValues",
         __base__=_StatsHead,
         **{
-            s.field: (int | None, Field(description=f"{s.help}; {s.kind}, {s.unit}"))
-            for s in STATS
+            s.field: (int | None, Field(description=f"{s.help}; {s.kind}, {s.unit}")) for s in STATS
         },
     )
 

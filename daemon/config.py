@@ -62,11 +62,6 @@ class Address:
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
 
-    @property
-    def target(self) -> str | tuple[str, int]:
-        """The form ``QMPClient.connect`` takes."""
-        return self.path if self.kind == "unix" else (self.host, self.port)
-
 
 class VMConfig(BaseModel):
     """One statically configured VM."""
@@ -74,7 +69,11 @@ class VMConfig(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
     address: str
     mode: AttachMode = "connect"
-    pid: int | None = Field(default=None, description="QEMU pid, for TCP attach")
+    pid: int | None = Field(
+        default=None,
+        gt=0,
+        description="QEMU's pid, for the host view where the socket cannot tell it (TCP attach)",
+    )
 
     @field_validator("address")
     @classmethod

@@ -11,19 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from daemon.guest_stats import GuestStats
 
-if TYPE_CHECKING:  # the ledger builds on the fleet, not the other way round
+if TYPE_CHECKING:
+    # What the poll cycle publishes from the ledger: the fleet holds it but, at run time,
+    # depends on nothing above it (the import contract in pyproject.toml ignores these).
     from daemon.ledger.estimate import Estimate
+    from daemon.ledger.ranges import RangeHistory
     from daemon.ledger.status import HostStatus
 
 AttachKind = Literal["connect", "poll", "listen"]
 
 
-class SessionState:
-    """Names of the states a VM's session goes through (see ``daemon.qmp.session``)."""
+class SessionState(StrEnum):
+    """The states a VM's monitor session goes through (the tables are in ``daemon.qmp.session``)."""
 
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -76,7 +80,7 @@ class VMState:
     name: str
     address: str
     attach: AttachKind
-    session_state: str = SessionState.IDLE
+    session_state: SessionState = SessionState.IDLE
     up: bool = False
     state_since: float = field(default_factory=time.time)
     last_error: str | None = None
@@ -98,22 +102,19 @@ class VMState:
     last_event: str | None = None
     last_event_time: float | None = None
     events_dropped: int = 0
-    # Set by the host view, ledger and estimate as they land (see daemon.ledger.tracker).
+    # Published by the VM's poll cycle (daemon.vmcycle): the host view with the ledger's
+    # counters, the reclaim estimate and the history of reported ranges.
     host: HostStatus | None = None
     estimate: Estimate | None = None
+    ranges: RangeHistory | None = None
 
-    def set_session_state(self, state: str, error: str | None = None) -> None:
+    def set_session_state(self, state: SessionState, error: str | None = None) -> None:
         if state != self.session_state:
             self.session_state = state
             self.state_since = time.time()
         self.up = state == SessionState.RUNNING
         if error is not None:
             self.last_error = error
-
-    def mark_down(self, error: str | None) -> None:
-        """The monitor is gone: what we knew stays readable but the VM is not up."""
-        self.set_session_state(SessionState.DISCONNECTED, error)
-        self.up = False
 
 
 class Fleet:

@@ -1,4 +1,4 @@
-"""Durable event journal: QMP events, attaches, detaches, REST balloon requests and errors, per VM.
+"""Durable event journal: QMP events, attaches, detaches and REST balloon requests, per VM.
 
 The journal is one SQLite database in WAL mode with ``synchronous=NORMAL``. Each append is one
 small transaction written to the WAL without an fsync: when ``append`` returns, the entry is in
@@ -15,9 +15,8 @@ applies while the journal is quiet). Per-(VM, event) counters live in their own 
 Entry ids increase monotonically for the life of the file, also across pruning and restarts; they
 are the paging cursor of ``GET /api/v1/vms/{name}/events``.
 
-One process writes a journal at a time: a writer takes an exclusive lock on ``PATH.lock`` and a
-second writer gets :class:`JournalError`. Any number of ``readonly=True`` journals may read
-alongside it.
+One process uses a journal at a time: it takes an exclusive lock on ``PATH.lock`` and a second
+process gets :class:`JournalError`.
 
 A ``Journal`` is for single-threaded use, from the daemon's event loop: appends take tens of
 microseconds, so they are made inline rather than from a thread. The connection refuses use from
@@ -39,7 +38,6 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote
 
 __all__ = [
     "KINDS",
@@ -53,8 +51,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: What an entry records. ``event`` is a QMP event; ``request`` a balloon change asked through
-#: the REST API; ``error`` a failure worth keeping in the VM's history.
-KINDS = frozenset({"event", "attach", "detach", "request", "error"})
+#: the REST API.
+KINDS = frozenset({"event", "attach", "detach", "request"})
 
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` of a journal ("RCLM"), so another program's database is refused.
@@ -111,7 +109,7 @@ _repr.maxlevel = 4
 
 class JournalError(Exception):
     """The journal cannot be used: the path is not writable, the file is not a journal or is
-    corrupt, another process writes it, or the journal is closed. The cause, if any, is kept
+    corrupt, another process uses it, or the journal is closed. The cause, if any, is kept
     as ``__cause__``."""
 
 
@@ -166,8 +164,7 @@ class Journal:
 
     Raises :class:`JournalError` when the path cannot be created or written, when the file is not
     a journal (garbage, another program's database, a newer schema), or when another process
-    holds it for writing. ``readonly=True`` opens an existing journal for reading only: no lock,
-    no retention, no schema changes.
+    holds it.
     """
 
     def __init__(
@@ -177,7 +174,6 @@ class Journal:
         max_events: int = 1_000_000,
         max_age_days: float = 30.0,
         prune_every: int = 1000,
-        readonly: bool = False,
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
@@ -189,14 +185,12 @@ class Journal:
         self.max_events = max_events
         self.max_age_days = max_age_days
         self.prune_every = prune_every
-        self.readonly = readonly
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
-        # The writer's view of the file, kept in memory so appends and event_counts() need no
-        # reads; valid because only this Journal writes (see the lock).
+        # The writer's view of the file, kept in memory so appends need no reads; valid because
+        # only this Journal writes (see the lock).
         self._last_id = 0
         self._rows = 0
-        self._counts: dict[tuple[str, str], int] = {}
         self._vms: set[str] = set()
         self._since_prune = 0
         self._ready = False
@@ -209,14 +203,6 @@ class Journal:
     # -- opening -------------------------------------------------------------------------------
 
     def _open(self) -> None:
-        if self.readonly:
-            if not self.path.is_file():
-                raise JournalError(f"journal {self.path} does not exist")
-            uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
-            self._conn = self._connect(uri, uri=True)
-            self._check_schema(self._conn, allow_create=False)
-            self._ready = True
-            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -231,7 +217,7 @@ class Journal:
         self._run(conn, "PRAGMA synchronous = NORMAL")
         # After a checkpoint, truncate the WAL file rather than keep its high-water size.
         self._run(conn, "PRAGMA journal_size_limit = 67108864")
-        self._check_schema(conn, allow_create=True)
+        self._check_schema(conn)
         self._load_state(conn)
         self._ready = True
         self.prune()
@@ -256,21 +242,19 @@ class Journal:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
-    def _connect(self, database: str, *, uri: bool = False) -> sqlite3.Connection:
+    def _connect(self, database: str) -> sqlite3.Connection:
         try:
             # isolation_level=None: no implicit transactions; appends use explicit BEGIN/COMMIT.
-            return sqlite3.connect(database, uri=uri, timeout=1.0, isolation_level=None)
+            return sqlite3.connect(database, timeout=1.0, isolation_level=None)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
 
-    def _check_schema(self, conn: sqlite3.Connection, *, allow_create: bool) -> None:
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
         app_id = self._query_one(conn, "PRAGMA application_id")
         version = self._query_one(conn, "PRAGMA user_version")
         if app_id == 0 and version == 0:
             if self._query_one(conn, "SELECT count(*) FROM sqlite_schema"):
                 raise JournalError(f"{self.path} is an SQLite database but not a reclaimd journal")
-            if not allow_create:
-                raise JournalError(f"journal {self.path} is empty")
             try:
                 # One transaction, so a crash never leaves half a schema.
                 conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
@@ -293,10 +277,6 @@ class Journal:
             kept = conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
             self._last_id = max(max_id, kept[0] if kept else 0)
             self._rows = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
-            self._counts = {
-                (vm, name): count
-                for vm, name, count in conn.execute("SELECT vm, name, count FROM event_counts")
-            }
             self._vms = {vm for (vm,) in conn.execute("SELECT vm FROM vms")}
         except sqlite3.Error as exc:
             raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
@@ -321,18 +301,10 @@ class Journal:
         """
         return self.append_many([NewEntry(vm, kind, name, data, qemu_time, recorded_at)])[0]
 
-    def append_event(self, vm: str, message: Mapping[str, Any]) -> int:
-        """Record a QMP event message as received (``event``, ``data``, ``timestamp``)."""
-        data = message.get("data")
-        if data is not None and not isinstance(data, Mapping):
-            data = {"data": data}
-        name = str(message.get("event", ""))
-        return self.append(vm, "event", name, data, qmp_timestamp(message.get("timestamp")))
-
     def append_many(self, entries: Iterable[NewEntry]) -> list[int]:
         """Record several entries in one transaction (about three times cheaper per entry than
         separate appends) and return their ids, in order. All or none are recorded."""
-        conn = self._writer()
+        conn = self._connection()
         now = time.time()
         rows: list[tuple[int, str, str, str, str, int, float | None, float]] = []
         counted: Counter[tuple[str, str]] = Counter()
@@ -383,8 +355,6 @@ class Journal:
         # Only a committed transaction changes the in-memory view.
         self._last_id = next_id
         self._rows += len(rows)
-        for key, n in counted.items():
-            self._counts[key] = self._counts.get(key, 0) + n
         self._vms.update(new_vms)
         self._since_prune += len(rows)
         if self._since_prune >= self.prune_every:
@@ -401,7 +371,7 @@ class Journal:
         Age is measured from ``now`` (default ``time.time()``). Event counters are kept: they are
         totals since the journal was created.
         """
-        conn = self._writer()
+        conn = self._connection()
         cutoff = (time.time() if now is None else now) - self.max_age_days * _SECONDS_PER_DAY
         removed = 0
         try:
@@ -477,7 +447,7 @@ class Journal:
             params.extend(kind_list)
         condition = " AND ".join(where)
         try:
-            conn = self._reader()
+            conn = self._connection()
             if since is not None and self._few_since(conn, condition, params, limit):
                 # Few entries that recent: collect their ids from the time index alone (no
                 # table reads), newest first, then read just those rows.
@@ -513,31 +483,20 @@ class Journal:
         count: int = conn.execute(sql, [*params, cap]).fetchone()[0]
         return count < cap
 
-    def event_counts(self) -> dict[tuple[str, str], int]:
-        """``(vm, event name) -> QMP events recorded``, since the journal was created.
+    def event_counts(self, vm: str) -> dict[str, int]:
+        """``event name -> QMP events recorded`` for ``vm``, since the journal was created.
 
-        A writer answers from memory (no I/O, cheap enough for a metrics scrape); a reader
-        queries the file.
+        Read from the file: the live counts are the VM's fleet record's, seeded from here when
+        the VM is added.
         """
-        conn = self._reader()
-        if not self.readonly:
-            return dict(self._counts)
+        conn = self._connection()
         try:
-            rows = conn.execute("SELECT vm, name, count FROM event_counts").fetchall()
+            rows = conn.execute(
+                "SELECT name, count FROM event_counts WHERE vm = ?", (_storable(vm),)
+            ).fetchall()
         except sqlite3.Error as exc:
             raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
-        return {(vm, name): count for vm, name, count in rows}
-
-    def vms(self) -> list[str]:
-        """Every VM the journal has recorded an entry for, sorted; retention does not forget
-        VMs (their event counters remain)."""
-        conn = self._reader()
-        if not self.readonly:
-            return sorted(self._vms)
-        try:
-            return [vm for (vm,) in conn.execute("SELECT vm FROM vms ORDER BY vm")]
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
+        return dict(rows)
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -547,7 +506,7 @@ class Journal:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                if self._ready and not self.readonly:
+                if self._ready:
                     conn.execute("PRAGMA optimize")
             except sqlite3.Error as exc:
                 log.warning("journal %s: optimize on close failed: %s", self.path, exc)
@@ -565,16 +524,10 @@ class Journal:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _reader(self) -> sqlite3.Connection:
+    def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise JournalError(f"journal {self.path} is closed")
         return self._conn
-
-    def _writer(self) -> sqlite3.Connection:
-        conn = self._reader()
-        if self.readonly:
-            raise JournalError(f"journal {self.path} was opened read-only")
-        return conn
 
     def _query_one(self, conn: sqlite3.Connection, sql: str) -> Any:
         try:

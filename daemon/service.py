@@ -1,13 +1,18 @@
-"""The daemon: the journal, the fleet, and one supervised session per VM.
+"""The daemon: the journal, the fleet, and one supervised session with its poll cycle per VM.
 
 ``Reclaimd.start`` opens the journal and starts the VM sources (static VMs, a watched socket
-glob, a listen socket); ``Reclaimd.stop`` shuts down in two phases like uvicorn: stop intake
-(no new VMs), then stop sessions, waiting up to a timeout before cancelling what remains.
+glob, a listen socket). ``Reclaimd.stop`` shuts down in two phases like uvicorn: stop intake (no
+new VMs), then ask every session to stop (each closes its connection and records its detach),
+wait for them up to a timeout, and cancel only what has not finished by then.
+
+The API reads the fleet, asks for a VM's journal through ``events`` and changes a VM only
+through ``set_balloon``; it never sees a session or a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -15,16 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Address, AttachMode, Settings
-from daemon.fleet import Fleet, VMState
-from daemon.journal import Journal
-from daemon.ledger.status import HostStatus
-from daemon.ledger.tracker import HostTracker
-from daemon.qmp.connection import QMPConnection
+from daemon.fleet import AttachKind, Fleet, VMState
+from daemon.instruments import QMP_RECONNECTS
+from daemon.journal import Journal, JournalEntry
 from daemon.qmp.discovery import SocketWatcher
-from daemon.qmp.errors import QMPSessionError
+from daemon.qmp.errors import CommandFailed, QMPSessionError
 from daemon.qmp.intake import record
 from daemon.qmp.listener import Listener
-from daemon.qmp.session import PollHook, PollSession, Session
+from daemon.qmp.session import Cycle, PollSession, Session, SessionBase, poll_only
+from daemon.vmcycle import VMCycle
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +39,24 @@ class UnknownVM(LookupError):
     """No VM of that name is known."""
 
 
+class VMUnavailable(Exception):
+    """The VM cannot take the request now (not attached, no balloon, QEMU refused)."""
+
+
 class Reclaimd:
     """Owns everything that is not HTTP. One instance per process."""
 
     def __init__(self, settings: Settings, *, host_view: bool = True) -> None:
         self.settings = settings
+        self.host_view = host_view
         self.fleet = Fleet()
-        self.trackers: dict[str, HostTracker] = {}
         self.scanner: ThreadPoolExecutor | None = None
-        self.on_poll: PollHook | None = self._track_host if host_view else None
         self.journal: Journal | None = None
-        self.sessions: dict[str, Session | PollSession] = {}
+        self.sessions: dict[str, SessionBase] = {}
+        self._cycles: dict[str, VMCycle] = {}
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._intake_tasks: list[asyncio.Task[None]] = []
-        self._event_counts: dict[tuple[str, str], int] = {}
+        self._listener: Listener | None = None
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -60,11 +68,10 @@ class Reclaimd:
             max_events=self.settings.journal_max_events,
             max_age_days=self.settings.journal_max_age_days,
         )
-        self._event_counts = self.journal.event_counts()
-        # One thread scans for all trackers (see daemon.ledger.tracker for why only one).
+        # One thread scans for all VMs (see daemon.vmcycle for why only one).
         self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
-            self.add_vm(vm.name, Address.parse(vm.address), vm.mode)
+            self.add_vm(vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid)
         if self.settings.socket_glob:
             watcher = SocketWatcher(
                 self.settings.socket_glob,
@@ -74,39 +81,44 @@ class Reclaimd:
             )
             self._spawn_intake(watcher.run(), "socket-watcher")
         if self.settings.listen_socket:
-            listener = Listener(
+            self._listener = Listener(
                 self.settings.listen_socket,
                 self.settings,
                 self.fleet,
-                self.journal,
-                register=self._register_listened,
-                on_poll=self.on_poll,
+                session_for=self._listened_session,
             )
-            listener.open()
-            self._spawn_intake(listener.run(), "qmp-listener")
+            self._listener.open()
+            self._spawn_intake(self._listener.run(), "qmp-listener")
         self._spawn_intake(self._prune_forever(), "journal-prune")
         self.started = True
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop intake, then sessions (cancelled after ``timeout``), then close the journal."""
+        """Stop intake; ask every session to stop and wait up to ``timeout`` for them, then
+        cancel what remains; close the host views and the journal."""
         for task in self._intake_tasks:
             task.cancel()
         await asyncio.gather(*self._intake_tasks, return_exceptions=True)
         self._intake_tasks.clear()
+        for session in self.sessions.values():
+            session.request_stop()
         tasks = list(self._session_tasks.values())
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_served(timeout)
+            self._listener = None
         self._session_tasks.clear()
         if self.scanner is not None:
             # Let what is queued run out: scans whose views close next, and closes of the views
-            # of VMs removed earlier (see HostTracker.close).
+            # of VMs removed earlier (see VMCycle.close).
             await asyncio.to_thread(self.scanner.shutdown)
             self.scanner = None
-        for tracker in self.trackers.values():
-            tracker.close()
-        self.trackers.clear()
+        for cycle in self._cycles.values():
+            cycle.close()
+        self._cycles.clear()
         if self.journal is not None:
             self.journal.close()
             self.journal = None
@@ -123,27 +135,56 @@ class Reclaimd:
 
     # -- VMs -----------------------------------------------------------------------------------
 
-    def _track(self, name: str, address: str, mode: AttachMode) -> VMState:
-        vm = self.fleet.add(name, address, mode)
-        if not vm.event_counts:
-            vm.event_counts = {e: n for (v, e), n in self._event_counts.items() if v == name}
-        return vm
-
-    def add_vm(self, name: str, address: Address, mode: AttachMode = "connect") -> VMState:
-        """Attach a VM at ``address`` (connect or poll mode) and start its session."""
+    def _journal(self) -> Journal:
         if self.journal is None:
             raise RuntimeError("Reclaimd.start() first")
+        return self.journal
+
+    def _track(self, name: str, address: str, attach: AttachKind) -> VMState:
+        """The VM's fleet record, with its event counts from the journal when it is new."""
+        known = self.fleet.get(name)
+        vm = self.fleet.add(name, address, attach)
+        if vm is not known:
+            vm.event_counts = self._journal().event_counts(name)
+        return vm
+
+    def _cycle(self, vm: VMState) -> Cycle:
+        """The VM's poll cycle: with the host view, or only reading the monitor."""
+        if not self.host_view:
+            return poll_only
+        cycle = self._cycles.get(vm.name)
+        if cycle is None or cycle.vm is not vm:
+            if cycle is not None:
+                cycle.close()
+            cycle = VMCycle(
+                vm,
+                budget=self._scan_budget_share,
+                interval=min(1.0, self.settings.poll_interval),
+                scanner=self.scanner,
+            )
+            self._cycles[vm.name] = cycle
+        return cycle
+
+    def _scan_budget_share(self) -> float:
+        # The daemon-wide scan budget is shared by all VMs.
+        return self.settings.scan_budget / max(1, len(self.fleet))
+
+    def add_vm(
+        self,
+        name: str,
+        address: Address,
+        mode: AttachMode = "connect",
+        *,
+        pid: int | None = None,
+    ) -> VMState:
+        """Attach a VM at ``address`` (connect or poll mode) and start its session. ``pid`` is
+        QEMU's, for the host view where the socket cannot tell it (TCP)."""
+        journal = self._journal()
         self.remove_vm(name)
         vm = self._track(name, str(address), mode)
-        session: Session | PollSession
-        if mode == "poll":
-            session = PollSession(
-                vm, self.settings, self.journal, address=address, on_poll=self.on_poll
-            )
-        else:
-            session = Session(
-                vm, self.settings, self.journal, address=address, on_poll=self.on_poll
-            )
+        vm.pid = pid
+        kind = PollSession if mode == "poll" else Session
+        session = kind(vm, self.settings, journal, address=address, cycle=self._cycle(vm))
         self.sessions[name] = session
         self._session_tasks[name] = asyncio.create_task(session.run(), name=f"session-{name}")
         return vm
@@ -154,48 +195,38 @@ class Reclaimd:
         if task is not None:
             task.cancel()
         self.sessions.pop(name, None)
-        tracker = self.trackers.pop(name, None)
-        if tracker is not None:
-            tracker.close()
+        cycle = self._cycles.pop(name, None)
+        if cycle is not None:
+            cycle.close()
         self.fleet.remove(name)
-
-    async def _track_host(self, vm: VMState, conn: QMPConnection | None) -> None:
-        tracker = self.trackers.get(vm.name)
-        if tracker is None:
-            tracker = HostTracker(
-                budget=self.settings.scan_budget,
-                interval=min(1.0, self.settings.poll_interval),
-                scanner=self.scanner,
-            )
-            self.trackers[vm.name] = tracker
-        # The daemon-wide scan budget is shared by all VMs.
-        tracker.budget = tracker.cadence.budget = self.settings.scan_budget / max(
-            1, len(self.fleet)
-        )
-        try:
-            await tracker.update(vm, conn)
-        except (QMPSessionError, asyncio.CancelledError):
-            raise  # the session handles its own connection's trouble
-        except Exception as exc:
-            # A bug in the host view must never cost the VM its QMP session.
-            log.exception("host view of %s failed", vm.name)
-            vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(KeyError):
+            QMP_RECONNECTS.remove(name)
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)
 
-    def _register_listened(self, name: str, session: Session) -> None:
-        vm = session.vm
-        if not vm.event_counts:
-            vm.event_counts = {e: n for (v, e), n in self._event_counts.items() if v == name}
-        self.sessions[name] = session
+    def _listened_session(self, name: str) -> Session:
+        """The session of a VM that connected to the listen socket: new on its first connection,
+        the same one when that QEMU reconnects."""
+        vm = self._track(name, f"listen:{self.settings.listen_socket}", "listen")
+        session = self.sessions.get(name)
+        if not isinstance(session, Session) or session.vm is not vm:
+            session = Session(vm, self.settings, self._journal(), cycle=self._cycle(vm))
+            self.sessions[name] = session
+        return session
 
-    # -- actions -------------------------------------------------------------------------------
+    # -- reads and actions for the API -----------------------------------------------------
+
+    def events(
+        self, name: str, *, since: float | None, before_id: int | None, limit: int
+    ) -> list[JournalEntry]:
+        """A page of the VM's journal, newest first (the API's one way into the journal)."""
+        return self._journal().entries(name, since=since, before_id=before_id, limit=limit)
 
     async def set_balloon(self, name: str, target_bytes: int, *, requester: str) -> None:
         """Ask QEMU to move the balloon so the guest has ``target_bytes``; journalled.
 
-        Raises UnknownVM, ValueError (out of bounds) or QMPSessionError (VM not reachable).
+        Raises UnknownVM, ValueError (out of bounds) or VMUnavailable (the VM cannot take it).
         """
         vm = self.fleet.get(name)
         session = self.sessions.get(name)
@@ -203,17 +234,19 @@ class Reclaimd:
             raise UnknownVM(name)
         ram = vm.memory.ram_bytes
         if ram is None:
-            raise QMPSessionError(f"{name}: RAM size not known yet")
+            raise VMUnavailable(f"{name}: RAM size not known yet")
         if not 0 < target_bytes <= ram:
             raise ValueError(f"target {target_bytes} outside 1..{ram} (the VM's RAM)")
         if not vm.balloon.present:
-            raise QMPSessionError(f"{name}: no virtio-balloon device")
-        assert self.journal is not None
+            raise VMUnavailable(f"{name}: no virtio-balloon device")
+        journal = self._journal()
         data = {"target_bytes": target_bytes, "requester": requester}
         try:
             await session.command("balloon", {"value": target_bytes})
         except QMPSessionError as exc:
-            record(self.journal, name, "request", "balloon", {**data, "error": str(exc)})
-            raise
+            record(journal, name, "request", "balloon", {**data, "error": str(exc)})
+            if isinstance(exc, CommandFailed):
+                raise VMUnavailable(f"QEMU refused: {exc}") from exc
+            raise VMUnavailable(str(exc)) from exc
         vm.balloon.target_bytes = target_bytes
-        record(self.journal, name, "request", "balloon", data)
+        record(journal, name, "request", "balloon", data)

@@ -49,8 +49,9 @@ def test_bad_inputs_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_addresses() -> None:
-    assert Address.parse("unix:/run/q.sock").target == "/run/q.sock"
-    assert Address.parse("tcp:[::1]:4444").target == ("::1", 4444)
+    assert Address.parse("unix:/run/q.sock") == Address("unix", path="/run/q.sock")
+    assert Address.parse("tcp:[::1]:4444") == Address("tcp", host="::1", port=4444)
+    assert str(Address.parse("tcp:[::1]:4444")) == "tcp:::1:4444"
     assert parse_vm_flag("pve=poll+unix:/var/run/qemu-server/101.qmp").mode == "poll"
     with pytest.raises(ConfigError):
         Address.parse("tcp:host:99999")

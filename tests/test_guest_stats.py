@@ -10,17 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.guest_stats import (
-    COUNTER_FIELDS,
     FUTURE_TOLERANCE_S,
     MAX_UNKNOWN,
     MAX_VALUE,
-    STAT_FIELDS,
+    STATS,
     UNSET,
     GuestStats,
-    counters_went_backwards,
     format_guest_stats,
     parse_guest_stats,
 )
+
+STAT_FIELDS = {s.qmp: s.field for s in STATS}
+COUNTER_FIELDS = tuple(s.field for s in STATS if s.kind == "counter")
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -134,11 +135,23 @@ def test_stats_the_guest_does_not_send_stay_unavailable_after_updates() -> None:
     assert stats.free_bytes == 433_737_728
 
 
-def test_stat_field_table_covers_every_counter_and_size_field() -> None:
-    int_fields = {f.name for f in dataclasses.fields(GuestStats) if f.type == "int | None"}
-    assert set(STAT_FIELDS.values()) == int_fields
-    assert len(STAT_FIELDS) == 16
-    assert set(COUNTER_FIELDS) < int_fields
+def test_stat_table_covers_every_counter_and_size_field() -> None:
+    int_fields = [f.name for f in dataclasses.fields(GuestStats) if f.type == "int | None"]
+    assert [s.field for s in STATS] == int_fields
+    assert len(STATS) == 16 and len(set(STAT_FIELDS)) == 16
+    assert {s.metric for s in STATS} == {s.metric for s in STATS if s.metric.startswith("qemu_")}
+    assert len({s.metric for s in STATS}) == 16
+    assert [s.qmp for s in STATS if s.since <= (7, 2)][-2:] == [
+        "stat-htlb-pgalloc",
+        "stat-htlb-pgfail",
+    ]
+
+
+def test_format_knows_only_what_a_qemu_version_reports() -> None:
+    stats = parse_guest_stats(QEMU_9_2, now=NOW)
+    old = format_guest_stats(stats, since=(7, 2))
+    assert list(old["stats"]) == list(QEMU_7_2["stats"])
+    assert parse_guest_stats(old, now=NOW).oom_kills is None
 
 
 # -- impossible and malformed replies --------------------------------------------------------
@@ -331,42 +344,6 @@ def test_unknown_stats_are_bounded() -> None:
     raw["stats"].update({f"stat-x{i}": i for i in range(MAX_UNKNOWN * 3)})
     stats = parse_guest_stats(raw, ram_bytes=RAM, now=NOW)
     assert len(stats.unknown) == MAX_UNKNOWN
-
-
-# -- counters between samples ----------------------------------------------------------------
-
-
-def test_counters_going_backwards_are_detected() -> None:
-    prev = parse_guest_stats(QEMU_9_2, now=NOW)
-    cur = parse_guest_stats(
-        reply(last_update=1_760_000_000, stat_major_faults=100, stat_async_scans=0), now=NOW
-    )
-    assert counters_went_backwards(prev, cur) == [
-        "stat-major-faults went back from 231 to 100",
-        "stat-async-scans went back from 52985856 to 0",
-    ]
-
-
-@pytest.mark.parametrize("name", COUNTER_FIELDS)
-def test_each_counter_is_checked(name: str) -> None:
-    def with_counter(value: int) -> GuestStats:
-        change: dict[str, Any] = {name: value}
-        return dataclasses.replace(GuestStats(last_update=NOW), **change)
-
-    prev = with_counter(10)
-    assert counters_went_backwards(prev, with_counter(11)) == []
-    assert len(counters_went_backwards(prev, with_counter(9))) == 1
-
-
-def test_gauges_unavailable_values_and_time_going_back() -> None:
-    prev = parse_guest_stats(QEMU_9_2, now=NOW)
-    less_free = parse_guest_stats(reply(stat_free_memory=1, stat_major_faults=UNSET), now=NOW)
-    assert counters_went_backwards(prev, less_free) == []
-    earlier = dataclasses.replace(prev, last_update=1_759_999_968.0)
-    assert counters_went_backwards(prev, earlier) == [
-        "last-update went back from 1759999998 to 1759999968"
-    ]
-    assert counters_went_backwards(GuestStats(), prev) == []
 
 
 # -- properties ------------------------------------------------------------------------------

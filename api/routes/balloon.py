@@ -6,8 +6,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from api.deps import DaemonDep, TokenDep, VMDep
 from api.schemas import BalloonAccepted, BalloonRequest, Problem
-from daemon.qmp.errors import CommandFailed, QMPSessionError
-from daemon.service import UnknownVM
+from daemon.service import UnknownVM, VMUnavailable
 
 router = APIRouter(prefix="/api/v1/vms", tags=["balloon"])
 
@@ -40,9 +39,7 @@ async def set_balloon(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no VM named {vm.name!r}") from None
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
-    except CommandFailed as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"QEMU refused: {exc}") from None
-    except QMPSessionError as exc:
+    except VMUnavailable as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return BalloonAccepted(
         vm=vm.name, target_bytes=body.target_bytes, actual_bytes=vm.balloon.actual_bytes

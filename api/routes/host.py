@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from api.deps import DaemonDep, VMDep
+from api.deps import VMDep
 from api.schemas import Problem, RangePage, ReportedRangeOut
-from daemon.ledger.estimate import what_if
 from daemon.model import MAX_PAGE_ORDER
 
 router = APIRouter(prefix="/api/v1/vms", tags=["host"])
@@ -19,20 +18,19 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
 @router.get("/{name}/reported-ranges", response_model=RangePage, responses=NOT_FOUND)
 async def reported_ranges(
     vm: VMDep,
-    daemon: DaemonDep,
     since: Annotated[float | None, Query(ge=0, description="only ranges seen after")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> RangePage:
     """Blocks that free page reporting returned to the host, newest first."""
-    tracker = daemon.trackers.get(vm.name)
-    if tracker is None or tracker.ledger.scans == 0:
+    history = vm.ranges
+    if history is None or vm.host is None or vm.host.ledger is None:
         problem = (vm.host and vm.host.problem_detail) or "no host scan yet"
         return RangePage(vm=vm.name, ranges=[], total=0, problem=problem)
-    ranges = tracker.ledger.ranges(since=since, limit=limit)
+    ranges = history.query(since=since, limit=limit)
     return RangePage(
         vm=vm.name,
         ranges=[ReportedRangeOut(**vars(r)) for r in reversed(ranges)],
-        total=tracker.ledger.ranges_total,
+        total=history.total,
         problem=None,
     )
 
@@ -40,17 +38,15 @@ async def reported_ranges(
 @router.get("/{name}/estimate", responses=NOT_FOUND)
 async def get_estimate(
     vm: VMDep,
-    daemon: DaemonDep,
     order: Annotated[
         int | None,
         Query(ge=0, le=MAX_PAGE_ORDER, description="what-if: another page_reporting_order"),
     ] = None,
 ) -> dict[str, Any]:
     """The reclaim estimate, component by component, with sources and input ages."""
-    tracker = daemon.trackers.get(vm.name)
-    if tracker is None or tracker.last is None:
+    if vm.estimate is None:
         return {"vm": vm.name, "components": None, "problem": "no estimate yet"}
-    body: dict[str, Any] = {"vm": vm.name, **tracker.last.as_dict()}
+    body: dict[str, Any] = {"vm": vm.name, **vm.estimate.as_dict()}
     if order is not None:
-        body["what_if"] = asdict(what_if(tracker.last, order))
+        body["what_if"] = asdict(vm.estimate.what_if(order))
     return body

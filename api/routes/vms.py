@@ -35,12 +35,7 @@ async def list_events(
     ] = None,
     before_id: Annotated[int | None, Query(ge=1, description="paging cursor")] = None,
 ) -> EventPage:
-    journal = daemon.journal
-    entries = (
-        journal.entries(vm.name, since=since, before_id=before_id, limit=limit + 1)
-        if journal is not None
-        else []
-    )
+    entries = daemon.events(vm.name, since=since, before_id=before_id, limit=limit + 1)
     more = len(entries) > limit
     entries = entries[:limit]
     return EventPage(

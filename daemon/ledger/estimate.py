@@ -47,6 +47,10 @@ class Estimate:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def what_if(self, order: int) -> WhatIf:
+        """What reporting at ``order`` would change (see :func:`what_if`)."""
+        return what_if(self, order)
+
 
 @dataclass(frozen=True)
 class Inputs:

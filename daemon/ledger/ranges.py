@@ -6,7 +6,7 @@ Public API::
     obs = ledger.observe(scan, balloon_actual)   # scan: daemon.host.view.GuestRamScan
     ledger.note_guest_free(free_bytes, at)       # from guest stats, for the facts below
     ledger.summary()                             # LedgerSummary: counters and current bytes
-    ledger.ranges(since=None, limit=None)        # bounded history of ReportedRange, oldest first
+    ledger.history.query(since=None, limit=None) # bounded history of ReportedRange, oldest first
     ledger.reporting_facts(now, window=60.0)     # ReportingFacts: is reporting doing anything?
 
 ``balloon_actual`` is the balloon's ``actual`` in bytes read after the scan (``query-balloon`` or
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +123,23 @@ class ReportingFacts:
     last_reported_at: float | None
 
 
+class RangeHistory:
+    """The newest reported ranges of one VM, oldest first, and how many there were in all."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._ranges: deque[ReportedRange] = deque(maxlen=maxlen)
+        self.total = 0
+
+    def extend(self, ranges: Sequence[ReportedRange]) -> None:
+        self._ranges.extend(ranges)
+        self.total += len(ranges)
+
+    def query(self, since: float | None = None, limit: int | None = None) -> list[ReportedRange]:
+        """Ranges kept, oldest first, seen after ``since``; ``limit`` keeps the newest."""
+        out = [r for r in self._ranges if since is None or r.at > since]
+        return out[-limit:] if limit is not None and limit > 0 else out
+
+
 class _BlockState:
     """Page sets of one RAM block; the four absent sets are disjoint and never backed."""
 
@@ -149,14 +166,13 @@ class Ledger:
         self.min_order = min_order
         self.max_order = max_order
         self.gpa_map = gpa_map
-        self._history: deque[ReportedRange] = deque(maxlen=history)
+        self.history = RangeHistory(history)
         self._blocks: dict[str, _BlockState] = {}
         self._balloon_actual: int | None = None
         self._per_scan: deque[tuple[float, int, int]] = deque()  # (at, reported, discarded)
         self._guest_free: deque[tuple[float, int]] = deque()
         self.at: float | None = None
         self.scans = 0
-        self.ranges_total = 0
         self.last_reported_at: float | None = None
         self.reported_bytes_total = 0
         self.discarded_bytes_total = 0
@@ -199,8 +215,7 @@ class Ledger:
         reported, discarded, ballooned, unexplained, refaulted, first = (
             int(x) * PAGE_SIZE for x in totals
         )
-        self._history.extend(ranges)
-        self.ranges_total += len(ranges)
+        self.history.extend(ranges)
         if ranges:
             self.last_reported_at = at
         self.reported_bytes_total += reported
@@ -292,14 +307,9 @@ class Ledger:
             refaulted_bytes_total=self.refaulted_bytes_total,
             refaulted_reported_bytes_total=self.refaulted_reported_bytes_total,
             first_touch_bytes_total=self.first_touch_bytes_total,
-            ranges_total=self.ranges_total,
+            ranges_total=self.history.total,
             last_reported_at=self.last_reported_at,
         )
-
-    def ranges(self, since: float | None = None, limit: int | None = None) -> list[ReportedRange]:
-        """Reported ranges kept in the history, oldest first; ``limit`` keeps the newest."""
-        out = [r for r in self._history if since is None or r.at > since]
-        return out[-limit:] if limit is not None and limit > 0 else out
 
     def reporting_facts(self, now: float, window: float = 60.0) -> ReportingFacts:
         start = now - window

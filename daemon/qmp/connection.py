@@ -157,12 +157,12 @@ class QMPConnection:
         try:
             async with asyncio.timeout(limit):
                 return await self._client.execute(command, dict(arguments) if arguments else None)
-        except TimeoutError:
+        except TimeoutError as exc:
             outcome = "timeout"
-            raise CommandTimeout(command, limit) from None
+            raise CommandTimeout(command, limit) from exc
         except ExecuteError as exc:
             outcome = "error"
-            raise CommandFailed(command, exc.error_class, str(exc)) from None
+            raise CommandFailed(command, exc.error_class, str(exc)) from exc
         except (ExecInterruptedError, QMPError, OSError, EOFError) as exc:
             outcome = "disconnected"
             raise SessionLost(f"{command}: {describe(exc)}") from exc
@@ -173,6 +173,13 @@ class QMPConnection:
     async def next_event(self) -> Message:
         """Wait for the next QMP event."""
         return await self._client.event_queue.get()
+
+    def take_queued_events(self) -> list[Message]:
+        """The events received and not yet taken, oldest first; the queue is empty after."""
+        queue, events = self._client.event_queue, []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        return events
 
     async def wait_lost(self) -> None:
         """Return when the connection leaves the running state (peer hang-up, bad data)."""

@@ -7,7 +7,12 @@
      +-- CommandTimeout       a command got no reply in time: the monitor is hung
      +-- CommandFailed        QEMU answered with an error (error class and description kept)
      +-- SessionLost          the connection dropped, or the peer broke the protocol
+     +-- BadReply             QEMU answered with a reply of the wrong shape
 
+    TransitionError           a session was asked for a state change its table forbids (a bug)
+
+A ``QMPSessionError`` is trouble with one VM's monitor: its session records the cause and goes on.
+``TransitionError`` is not one of them, so that no handler of VM trouble can hide a bug.
 ``asyncio.CancelledError`` is never wrapped or swallowed.
 """
 
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 
 class QMPSessionError(Exception):
-    """Base of every error the QMP layer raises."""
+    """Base of every error the QMP layer raises for trouble with a VM's monitor."""
 
 
 class ConnectFailed(QMPSessionError):
@@ -43,3 +48,11 @@ class CommandFailed(QMPSessionError):
 
 class SessionLost(QMPSessionError):
     """The QMP connection is gone or unusable (hang-up, malformed data, protocol violation)."""
+
+
+class BadReply(QMPSessionError):
+    """QEMU answered with a reply of the wrong shape."""
+
+
+class TransitionError(RuntimeError):
+    """A session state change that its transition table does not allow."""

@@ -4,6 +4,10 @@ QEMU is started with ``-chardev socket,id=rd,path=PATH,reconnect=5 -mon chardev=
 Each accepted connection gets its own QMP session (``qemu.qmp`` accepts a connected socket), is
 named by ``query-name`` (else its UUID, else its pid), and is followed until it hangs up. QEMU then
 reconnects by itself, so there is no backoff here: the VM's record waits, marked down.
+
+The listener accepts and identifies; ``session_for(name)`` (the daemon) gives the VM's session,
+made on its first connection and kept for its reconnections. Stopping the accept loop leaves the
+sessions being served alone: the daemon asks them to stop, and ``wait_served`` waits for them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ from pathlib import Path
 
 from daemon.config import Settings
 from daemon.fleet import Fleet, VMState
-from daemon.journal import Journal
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import QMPSessionError
-from daemon.qmp.session import PollHook, Session
+from daemon.qmp.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +39,15 @@ class Listener:
         path: Path,
         settings: Settings,
         fleet: Fleet,
-        journal: Journal,
         *,
-        register: Callable[[str, Session], None],
-        on_poll: PollHook | None = None,
+        session_for: Callable[[str], Session],
     ) -> None:
         self.path = path
         self.settings = settings
         self.fleet = fleet
-        self.journal = journal
-        self.register = register
-        self.on_poll = on_poll
+        self.session_for = session_for
         self._sock: socket.socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sessions: dict[str, Session] = {}
+        self._served: set[asyncio.Task[None]] = set()
         self._handshakes = asyncio.Semaphore(MAX_PENDING_HANDSHAKES)
 
     def open(self) -> None:
@@ -78,13 +76,19 @@ class Listener:
             while True:
                 conn_sock, _ = await loop.sock_accept(self._sock)
                 task = asyncio.create_task(self._handle(conn_sock))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._served.add(task)
+                task.add_done_callback(self._served.discard)
         finally:
             self.close()
-            for task in list(self._tasks):
+
+    async def wait_served(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the connections being served, then cancel what is left."""
+        tasks = list(self._served)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -103,12 +107,10 @@ class Listener:
             log.warning("listen socket: a peer failed the handshake: %s", exc)
             await conn.close()
             return
-        vm = self.fleet.add(name, f"listen:{self.path}", "listen")
-        session = self._sessions.get(name)
-        if session is None or session.vm is not vm:
-            session = Session(vm, self.settings, self.journal, on_poll=self.on_poll)
-            self._sessions[name] = session
-            self.register(name, session)
+        session = self.session_for(name)
+        if session.stopping:
+            await conn.close()
+            return
         await session.serve(conn)
 
     async def _identify(self, conn: QMPConnection) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from daemon.fleet import VMState
 from daemon.guest_stats import parse_guest_stats
 from daemon.qmp.connection import QMPConnection
-from daemon.qmp.errors import CommandFailed
+from daemon.qmp.errors import BadReply, CommandFailed
 
 # QOM types of virtio-balloon front ends; the device path depends on its id (or lack of one).
 BALLOON_TYPES = frozenset(
@@ -26,10 +26,6 @@ BALLOON_TYPES = frozenset(
     }
 )
 BALLOON_PARENTS = ("/machine/peripheral", "/machine/peripheral-anon")
-
-
-class BadReply(ValueError):
-    """QEMU answered with a reply of the wrong shape."""
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
@@ -154,7 +150,6 @@ async def read_balloon(conn: QMPConnection, vm: VMState, *, stats_interval: int)
             },
         )
         balloon.stats_polling_interval = stats_interval
-    await read_balloon_actual(conn, vm)
 
 
 async def read_balloon_actual(conn: QMPConnection, vm: VMState) -> None:
@@ -192,16 +187,15 @@ async def read_guest_stats(conn: QMPConnection, vm: VMState) -> None:
 
 
 async def attach(conn: QMPConnection, vm: VMState, *, stats_interval: int) -> None:
-    """Everything read once when a session (re)attaches."""
+    """Everything read once when a session (re)attaches; the first poll reads the rest."""
     await read_identity(conn, vm)
     await read_memory(conn, vm)
     await read_ram_layout(conn, vm)
     await read_balloon(conn, vm, stats_interval=stats_interval)
-    await read_guest_stats(conn, vm)
 
 
 async def poll(conn: QMPConnection, vm: VMState) -> None:
-    """Everything read each poll cycle."""
+    """Everything read each poll cycle: what changes between polls."""
     await read_balloon_actual(conn, vm)
     await read_guest_stats(conn, vm)
     vm.last_poll = time.time()

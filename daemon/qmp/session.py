@@ -4,13 +4,20 @@
 
     idle -> connecting -> attaching -> running -> disconnected -> backoff -> connecting -> ...
 
-Every transition is recorded in ``Session.transitions`` and in the VM's fleet record, and the
-cause of every loss is kept. A hung or dead monitor only ever delays its own session: commands
-have timeouts, and nothing here blocks the event loop.
+Each session kind has a transition table (``CONNECT_TRANSITIONS``, ``POLL_TRANSITIONS``); a
+change the table does not allow raises ``TransitionError``, as qemu.qmp refuses a call in the
+wrong ``Runstate``. Every transition is recorded in ``transitions`` and in the VM's fleet record,
+and the cause of every loss is kept. A hung or dead monitor only ever delays its own session:
+commands have timeouts, and nothing here blocks the event loop.
 
 ``Session.serve`` follows one already established connection until it is lost; listen mode
 (``daemon.qmp.listener``) uses it directly because there QEMU reconnects to us.
 ``PollSession`` is poll mode: connect, read, disconnect, every cycle, never holding the socket.
+
+What a poll does is the caller's: each session calls its ``cycle`` with a ``QMPMonitor`` on
+schedule (``daemon.vmcycle`` runs the whole cycle; the default only polls the monitor).
+``request_stop()`` asks a session to finish: it leaves its cycle, closes the connection, records
+the detach and stops, so shutdown needs no cancellation unless a session does not finish in time.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from daemon.config import Address, Settings
 from daemon.fleet import SessionState, VMState
@@ -29,12 +36,38 @@ from daemon.instruments import QMP_RECONNECTS
 from daemon.journal import Journal
 from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
-from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost
+from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost, TransitionError
 from daemon.qmp.intake import Followups, apply_event, record
+from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.schedule import PollSchedule
 
-# Called after each poll with the live connection (None in poll mode once it is closed).
-PollHook = Callable[[VMState, QMPConnection | None], Awaitable[None]]
+#: What a session runs each poll, with the monitor of the attached connection.
+Cycle = Callable[[QMPMonitor], Awaitable[None]]
+Transitions = Mapping[SessionState, frozenset[SessionState]]
+
+S = SessionState
+CONNECT_TRANSITIONS: Transitions = {
+    S.IDLE: frozenset({S.CONNECTING, S.ATTACHING, S.STOPPED}),  # ATTACHING: listen mode
+    S.CONNECTING: frozenset({S.ATTACHING, S.DISCONNECTED, S.STOPPED}),
+    S.ATTACHING: frozenset({S.RUNNING, S.DISCONNECTED}),
+    S.RUNNING: frozenset({S.DISCONNECTED}),
+    S.DISCONNECTED: frozenset({S.BACKOFF, S.ATTACHING, S.STOPPED}),
+    S.BACKOFF: frozenset({S.CONNECTING, S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+# Poll mode has no connection to follow: a VM is running while its last cycle succeeded.
+POLL_TRANSITIONS: Transitions = {
+    S.IDLE: frozenset({S.RUNNING, S.DISCONNECTED, S.STOPPED}),
+    S.RUNNING: frozenset({S.DISCONNECTED, S.STOPPED}),
+    S.DISCONNECTED: frozenset({S.RUNNING, S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+STOPPING_CAUSE = "reclaimd is stopping"
+
+
+async def poll_only(monitor: QMPMonitor) -> None:
+    """The cycle of a session without a host view: read the monitor."""
+    await monitor.poll()
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -43,8 +76,68 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
-class Session:
+class SessionBase:
+    """What every session kind shares: its VM, its state machine, the journal, stopping."""
+
+    TRANSITIONS: ClassVar[Transitions]
+
+    def __init__(
+        self, vm: VMState, settings: Settings, journal: Journal, *, cycle: Cycle = poll_only
+    ) -> None:
+        self.vm = vm
+        self.settings = settings
+        self.journal = journal
+        self.cycle = cycle
+        self.transitions: deque[SessionState] = deque([S.IDLE], maxlen=256)
+        self._stop = asyncio.Event()
+
+    @property
+    def state(self) -> SessionState:
+        return self.transitions[-1]
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Ask the session to finish: it closes its connection, records the detach, stops."""
+        self._stop.set()
+
+    def _set(self, state: SessionState, error: str | None = None) -> None:
+        if state != self.state:
+            if state not in self.TRANSITIONS[self.state]:
+                raise TransitionError(
+                    f"{self.vm.name}: a {type(self).__name__} cannot go from {self.state} "
+                    f"to {state}"
+                )
+            self.transitions.append(state)
+        self.vm.set_session_state(state, error)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep for ``seconds``; True if a stop was requested (at once, or meanwhile)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        return self.stopping
+
+    def _record_attach(self, **data: Any) -> None:
+        record(self.journal, self.vm.name, "attach", "attach", data)
+
+    def _record_detach(self, cause: str) -> None:
+        record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
+
+    def _new_connection(self) -> QMPConnection:
+        return QMPConnection(self.vm.name, command_timeout=self.settings.command_timeout)
+
+    async def command(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run a command on the VM's monitor; ``QMPSessionError`` when it cannot."""
+        raise NotImplementedError
+
+
+class Session(SessionBase):
     """Supervisor of one VM's QMP connection (connect and listen modes)."""
+
+    TRANSITIONS = CONNECT_TRANSITIONS
 
     def __init__(
         self,
@@ -53,53 +146,45 @@ class Session:
         journal: Journal,
         *,
         address: Address | None = None,
-        on_poll: PollHook | None = None,
+        cycle: Cycle = poll_only,
         rng: random.Random | None = None,
     ) -> None:
-        self.vm = vm
-        self.settings = settings
-        self.journal = journal
+        super().__init__(vm, settings, journal, cycle=cycle)
         self.address = address
-        self.on_poll = on_poll
-        self.transitions: deque[str] = deque([SessionState.IDLE], maxlen=256)
         self._rng = rng or random.Random()
         self._conn: QMPConnection | None = None
         self._attached_before = False
         self._running_since: float | None = None
 
-    # -- state ---------------------------------------------------------------------------------
-
-    def _set(self, state: str, error: str | None = None) -> None:
-        self.transitions.append(state)
-        self.vm.set_session_state(state, error)
-
     # -- connect mode --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, attach, follow, and reconnect with backoff, until cancelled."""
+        """Connect, attach, follow, and reconnect with backoff, until stopped or cancelled."""
         if self.address is None:
             raise ValueError("Session.run needs an address (connect mode)")
         attempt = 0
         try:
-            while True:
-                self._set(SessionState.CONNECTING)
+            while not self.stopping:
+                self._set(S.CONNECTING)
                 conn = self._new_connection()
                 try:
                     await conn.connect(self.address, self.settings.connect_timeout)
                 except ConnectFailed as exc:
-                    self._set(SessionState.DISCONNECTED, str(exc))
+                    self._set(S.DISCONNECTED, str(exc))
                 else:
                     await self.serve(conn)
+                if self.stopping:
+                    break
                 if self._ran_long_enough():
                     attempt = 0
                 delay = backoff_delay(
                     attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
                 )
                 attempt += 1
-                self._set(SessionState.BACKOFF)
-                await asyncio.sleep(delay)
+                self._set(S.BACKOFF)
+                await self._sleep_unless_stopped(delay)
         finally:
-            self._set(SessionState.STOPPED)
+            self._set(S.STOPPED)
 
     def _ran_long_enough(self) -> bool:
         # A session that stayed up for a while starts its backoff over; a flapping one does not.
@@ -109,24 +194,20 @@ class Session:
         self._running_since = None
         return ran > max(10.0, 4 * self.settings.poll_interval)
 
-    def _new_connection(self) -> QMPConnection:
-        return QMPConnection(self.vm.name, command_timeout=self.settings.command_timeout)
-
     # -- one connection ------------------------------------------------------------------------
 
     async def serve(self, conn: QMPConnection) -> str:
-        """Attach over an established connection and follow it until it is lost.
-
-        Returns the cause of the loss. Cancellation closes the connection and propagates.
+        """Attach over an established connection and follow it until it is lost or the session
+        is asked to stop. Returns the cause. Cancellation closes the connection and propagates.
         """
         self._conn = conn
         attached = False
         cause = "closed"  # replaced below; kept if cancelled
         try:
-            self._set(SessionState.ATTACHING)
+            self._set(S.ATTACHING)
             try:
                 await probe.attach(conn, self.vm, stats_interval=self.settings.stats_interval)
-            except (QMPSessionError, probe.BadReply) as exc:
+            except QMPSessionError as exc:
                 # A dropped connection explains a failed command better than the command does.
                 cause = f"attach failed: {await conn.close() or exc}"
                 return cause
@@ -138,9 +219,11 @@ class Session:
             self._conn = None
             await conn.close()
             self.vm.events_dropped = conn.events_dropped
-            self._set(SessionState.DISCONNECTED, cause)
+            self._set(S.DISCONNECTED, cause)
             if attached:
-                record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
+                self._record_detach(cause)
+            if self.stopping and self.address is None:
+                self._set(S.STOPPED)  # listen mode has no run loop to do it
 
     def _on_attached(self) -> None:
         self.vm.attached_at = time.time()
@@ -149,23 +232,18 @@ class Session:
             self.vm.reconnects += 1
             QMP_RECONNECTS.labels(self.vm.name).inc()
         self._attached_before = True
-        self._set(SessionState.RUNNING)
+        self._set(S.RUNNING)
         self.vm.last_error = None
-        record(
-            self.journal,
-            self.vm.name,
-            "attach",
-            "attach",
-            {
-                "mode": self.vm.attach,
-                "address": self.vm.address,
-                "qemu_version": self.vm.qemu_version,
-                "pid": self.vm.pid,
-            },
+        self._record_attach(
+            mode=self.vm.attach,
+            address=self.vm.address,
+            qemu_version=self.vm.qemu_version,
+            pid=self.vm.pid,
         )
 
     async def _follow(self, conn: QMPConnection) -> str:
         followups = Followups()
+        monitor = QMPMonitor(conn, self.vm, followups)
         wake = asyncio.Event()
 
         async def pump_events() -> None:
@@ -179,16 +257,7 @@ class Session:
             loop = asyncio.get_running_loop()
             schedule = PollSchedule(self.settings.poll_interval, loop.time())
             while True:
-                if followups.memory:
-                    followups.memory = False
-                    await probe.read_memory(conn, self.vm)
-                    await probe.read_ram_layout(conn, self.vm)
-                if followups.status:
-                    followups.status = False
-                    await probe.read_status(conn, self.vm)
-                await probe.poll(conn, self.vm)
-                if self.on_poll is not None:
-                    await self.on_poll(self.vm, conn)
+                await self.cycle(monitor)
                 stats = self.vm.guest_stats
                 due = schedule.advance(
                     loop.time(),
@@ -200,10 +269,12 @@ class Session:
                         await wake.wait()
                 wake.clear()
 
+        stop = asyncio.create_task(self._stop.wait(), name=f"{self.vm.name}-stop")
         tasks = [
             asyncio.create_task(pump_events(), name=f"{self.vm.name}-events"),
             asyncio.create_task(poll_forever(), name=f"{self.vm.name}-poll"),
             asyncio.create_task(conn.wait_lost(), name=f"{self.vm.name}-watch"),
+            stop,
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -211,6 +282,13 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Events that arrived before the loss are history too: apply them before the
+            # detach is recorded (a SHUTDOWN is often the last thing a QEMU says).
+            for msg in conn.take_queued_events():
+                apply_event(self.vm, dict(msg), self.journal, followups)
+        if stop in done:
+            await conn.close()
+            return STOPPING_CAUSE
         # Prefer the reader's own error (what the peer did) over a command's view of it.
         reason = await conn.close()
         for task in done:
@@ -229,8 +307,10 @@ class Session:
         return await conn.execute(command, arguments)
 
 
-class PollSession:
+class PollSession(SessionBase):
     """Poll mode: for a socket another manager also uses. Connect, read, disconnect each cycle."""
+
+    TRANSITIONS = POLL_TRANSITIONS
 
     def __init__(
         self,
@@ -239,65 +319,64 @@ class PollSession:
         journal: Journal,
         *,
         address: Address,
-        on_poll: PollHook | None = None,
+        cycle: Cycle = poll_only,
     ) -> None:
-        self.vm = vm
-        self.settings = settings
-        self.journal = journal
+        super().__init__(vm, settings, journal, cycle=cycle)
         self.address = address
-        self.on_poll = on_poll
-        self.transitions: deque[str] = deque([SessionState.IDLE], maxlen=256)
         self._lock = asyncio.Lock()  # one connection at a time: the socket serves one client
-
-    def _set(self, state: str, error: str | None = None) -> None:
-        self.transitions.append(state)
-        self.vm.set_session_state(state, error)
 
     async def run(self) -> None:
         try:
-            while True:
-                await self.cycle()
-                await asyncio.sleep(self.settings.poll_interval)
+            while not self.stopping:
+                await self.poll_once()
+                await self._sleep_unless_stopped(self.settings.poll_interval)
+            if self.vm.up:
+                self._record_detach(STOPPING_CAUSE)
         finally:
-            self._set(SessionState.STOPPED)
+            self._set(S.STOPPED)
 
-    async def cycle(self) -> None:
+    async def poll_once(self) -> None:
         """One connect-read-disconnect cycle; the VM is up when it succeeded."""
         was_up = self.vm.up
         try:
             async with self._lock:
-                conn = QMPConnection(self.vm.name, command_timeout=self.settings.command_timeout)
+                conn = self._new_connection()
                 try:
                     await conn.connect(self.address, self.settings.connect_timeout)
                     await probe.attach(conn, self.vm, stats_interval=self.settings.stats_interval)
-                    self.vm.last_poll = time.time()
-                    if self.on_poll is not None:
-                        await self.on_poll(self.vm, conn)
+                    await self.cycle(QMPMonitor(conn, self.vm))
                 finally:
                     await conn.close()
-        except (QMPSessionError, probe.BadReply) as exc:
-            self._set(SessionState.DISCONNECTED, str(exc))
+        except QMPSessionError as exc:
+            self._set(S.DISCONNECTED, str(exc))
             if was_up:
-                record(self.journal, self.vm.name, "detach", "detach", {"cause": str(exc)})
+                self._record_detach(str(exc))
             return
         if not was_up:
             self.vm.attached_at = self.vm.last_poll
-            record(
-                self.journal,
-                self.vm.name,
-                "attach",
-                "attach",
-                {"mode": "poll", "address": self.vm.address},
-            )
-        self._set(SessionState.RUNNING)
+            self._record_attach(mode="poll", address=self.vm.address)
+        self._set(S.RUNNING)
         self.vm.last_error = None
 
     async def command(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one command on a short-lived connection."""
         async with self._lock:
-            conn = QMPConnection(self.vm.name, command_timeout=self.settings.command_timeout)
+            conn = self._new_connection()
             try:
                 await conn.connect(self.address, self.settings.connect_timeout)
                 return await conn.execute(command, arguments)
             finally:
                 await conn.close()
+
+
+__all__ = [
+    "CONNECT_TRANSITIONS",
+    "POLL_TRANSITIONS",
+    "Cycle",
+    "PollSession",
+    "Session",
+    "SessionBase",
+    "TransitionError",
+    "backoff_delay",
+    "poll_only",
+]

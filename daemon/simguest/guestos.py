@@ -25,10 +25,10 @@ import numpy.typing as npt
 
 from daemon.guest_stats import GuestStats
 from daemon.model import MAX_PAGE_ORDER, WORKLOADS, SimConfig, SimLog, Simulation, make_workload
-from daemon.model.constants import PG_FREE_MASK, PG_REPORTED, PG_RESERVED
+from daemon.model.constants import PAGE_SIZE, PG_FREE_MASK, PG_REPORTED, PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT
 from daemon.simguest.guest import GuestSpec
-from daemon.simguest.ram import PAGE_SIZE, GuestRAM
+from daemon.simguest.ram import GuestRAM
 from daemon.simguest.truth import PageStates
 
 # page_reporting_order before any reporting device registers (6.1): nothing is reportable.

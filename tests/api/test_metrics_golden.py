@@ -93,7 +93,7 @@ def known_fleet() -> Fleet:
         },
     )
     down = fleet.add("db1", "unix:/run/qemu/db1.qmp", "poll")
-    down.mark_down("connection closed by peer")
+    down.set_session_state(SessionState.DISCONNECTED, "connection closed by peer")
     down.guest_stats = GuestStats(last_update=NOW - 10, valid=False, problems=("free > total",))
     return fleet
 

@@ -136,11 +136,11 @@ def test_history_is_bounded_and_filterable() -> None:
         pages = pages.copy()
         pages[i * 512 : (i + 1) * 512] = False
         ledger.observe(scan(float(i + 1), ram=pages))
-    kept = ledger.ranges()
+    kept = ledger.history.query()
     assert len(kept) == 3 and ledger.summary().ranges_total >= 5
     assert [r.at for r in kept] == sorted(r.at for r in kept)
-    assert all(r.at > 3.0 for r in ledger.ranges(since=3.0))
-    assert ledger.ranges(limit=1) == kept[-1:]
+    assert all(r.at > 3.0 for r in ledger.history.query(since=3.0))
+    assert ledger.history.query(limit=1) == kept[-1:]
 
 
 def test_resized_block_starts_over() -> None:

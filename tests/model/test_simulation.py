@@ -40,20 +40,20 @@ def test_different_seeds_differ() -> None:
 def test_pagecache_keeps_available_above_free_and_counts_faults() -> None:
     sim = Simulation(SimConfig(ram_bytes=256 << 20, seed=1), make_workload("pagecache"))
     sim.run(60.0)
-    stats = sim.stats()
-    assert stats.stat_disk_caches > 0
-    assert stats.stat_available_memory > stats.stat_free_memory
-    assert stats.stat_major_faults > 0 and stats.stat_minor_faults > 0
-    assert stats.stat_total_memory == sim.alloc.managed_pages * 4096
+    info = sim.meminfo()
+    assert info.file_pages > 0
+    assert info.available_pages > info.free_pages
+    assert info.pgmajfault > 0 and info.pgfault > 0
+    assert info.total_pages == sim.alloc.managed_pages
     assert sim.cache.reclaimed > 0, "the cache never met memory pressure"
 
 
 def test_balloon_inflate_and_deflate_return_pfns_and_move_totals() -> None:
     sim = Simulation(SimConfig(ram_bytes=128 << 20, engine=None, keep_log=True))
-    total = sim.stats().stat_total_memory
+    total = sim.meminfo().total_pages
     taken = sim.balloon.inflate(1000)
     assert len(taken) == 1000 == len(set(taken))
-    assert sim.stats().stat_total_memory == total - 1000 * 4096
+    assert sim.meminfo().total_pages == total - 1000
     states = sim.page_states()
     assert (states[taken] == PAGE_BALLOONED).all()
     given = sim.balloon.deflate(400)

@@ -200,13 +200,14 @@ class FakeQMPServer:
                 return {"return": format_guest_stats(GuestStats(), since=(7, 2))}
             stats = GuestStats(
                 last_update=vm.stats_time or int(time.time()),
-                **{s.field: 0 for s in STATS if s.kind == "counter"},
+                # A guest kernel without HugeTLB sends no hugetlb counters.
+                **{s.field: 0 for s in STATS if s.kind == "counter" and s.unit == "faults"},
+                swap_in_bytes=0,
+                swap_out_bytes=0,
                 free_bytes=vm.free,
                 total_bytes=vm.total,
                 available_bytes=vm.available,
                 disk_caches_bytes=vm.caches,
-                hugetlb_allocations=None,  # a guest kernel without HugeTLB sends none
-                hugetlb_failures=None,
             )
             return {"return": format_guest_stats(stats, since=(7, 2))}
         return _error("GenericError", f"Property '{prop}' not found")

@@ -11,6 +11,7 @@ from typing import Any
 from daemon.config import Address, Settings
 from daemon.fleet import Fleet, SessionState
 from daemon.journal import Journal
+from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.session import PollSession, Session, backoff_delay
 from tests.qmp.fake_qmp import Behaviour, FakeVM
 
@@ -200,15 +201,16 @@ async def test_polls_keep_to_their_schedule_however_long_a_poll_takes(
     interval, work = 0.2, 0.1
     polls: list[float] = []
 
-    async def slow_hook(vm: Any, conn: Any) -> None:
+    async def slow_cycle(monitor: QMPMonitor) -> None:
         polls.append(time.monotonic())
+        await monitor.poll()
         await asyncio.sleep(work)
 
     server = await fake_qmp()
     vm = Fleet().add("vm1", f"unix:{server.path}", "connect")
     settings = settings.model_copy(update={"poll_interval": interval})
     address = Address("unix", path=str(server.path))
-    session = Session(vm, settings, journal, address=address, on_poll=slow_hook)
+    session = Session(vm, settings, journal, address=address, cycle=slow_cycle)
     task = asyncio.create_task(session.run())
     await eventually(lambda: len(polls) >= 9, 5)
     await stop(task)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from daemon.guest_stats import STATS
 from daemon.model.constants import PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT, REPORTED
 from daemon.simguest.balloon import STAT_NAMES
@@ -84,7 +85,8 @@ def test_balloon_takes_pages_from_the_guest_and_the_host(ram: GuestRAM) -> None:
     assert not ram.backed[pages].any()
     assert np.all(guest.sim.host.state_arr[pages] == BALLOONED)
     after = guest.stats()
-    assert before["stat-total-memory"] - after["stat-total-memory"] == 4096 * PAGE_SIZE
+    assert before.total_bytes is not None and after.total_bytes is not None
+    assert before.total_bytes - after.total_bytes == 4096 * PAGE_SIZE
     c = components(guest.page_states(), guest.reporting_order)
     assert c["ballooned"] == 4096 * PAGE_SIZE
     assert guest.balloon_toward(0, 10_000) == 0
@@ -96,22 +98,24 @@ def test_balloon_takes_pages_from_the_guest_and_the_host(ram: GuestRAM) -> None:
 
 def test_deflate_on_oom_keeps_ballooned_pages_in_total_memory(ram: GuestRAM) -> None:
     guest = boot(ram, "idle", deflate_on_oom=True)
-    total = guest.stats()["stat-total-memory"]
+    total = guest.stats().total_bytes
     guest.balloon_toward(1024, 1024)
-    assert guest.stats()["stat-total-memory"] == total
+    assert guest.stats().total_bytes == total
 
 
 def test_stats_are_the_ten_a_linux_61_guest_sends(ram: GuestRAM) -> None:
     guest = boot(ram, "pagecache")
     run(guest, 10.0)
     stats = guest.stats()
-    assert set(stats) == set(STAT_NAMES)
+    sent = {s.qmp for s in STATS if getattr(stats, s.field) is not None}
+    assert sent == set(STAT_NAMES)
     truth = components(guest.page_states(), guest.reporting_order)
-    assert stats["stat-disk-caches"] == truth["cache"] > 0
-    assert stats["stat-total-memory"] < RAM
-    assert stats["stat-free-memory"] <= truth["free"]  # per-CPU lists are free but not counted
-    assert stats["stat-available-memory"] > stats["stat-free-memory"]
-    assert stats["stat-major-faults"] > 0
+    assert stats.disk_caches_bytes == truth["cache"] > 0
+    assert stats.total_bytes is not None and stats.total_bytes < RAM
+    assert stats.free_bytes is not None and stats.available_bytes is not None
+    assert stats.free_bytes <= truth["free"]  # per-CPU lists are free but not counted
+    assert stats.available_bytes > stats.free_bytes
+    assert stats.major_faults is not None and stats.major_faults > 0
 
 
 def test_without_free_page_reporting_nothing_is_discarded_or_reportable(ram: GuestRAM) -> None:

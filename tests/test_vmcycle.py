@@ -1,4 +1,5 @@
-"""HostTracker: scans run on the scanner it is given, and the budget is charged in full."""
+"""The poll cycle: scans run on the scanner it is given, the budget is charged in full, and a
+cycle over a real QMP connection reads, scans, observes and publishes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ from daemon.fleet import Fleet
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
 from daemon.host.unavailable import Unavailable
 from daemon.host.view import GuestRamScan, HostView
-from daemon.ledger.tracker import HostTracker
+from daemon.vmcycle import VMCycle
 from tests.host.memchild import MemChild
 
 MiB = 1 << 20
 BURN = 0.03  # CPU-seconds of Python work a scan does besides the scanner syscalls
+
+
+class Idle:
+    """A monitor with nothing to read: these tests are about the host side of the cycle."""
+
+    connected = False
+
+    async def poll(self) -> None:
+        pass
+
+    async def read_balloon(self) -> None:
+        pass
 
 
 async def test_scan_cost_is_charged_in_full_on_the_scanner_thread(
@@ -39,13 +52,13 @@ async def test_scan_cost_is_charged_in_full_on_the_scanner_thread(
             return real_scan()
 
         monkeypatch.setattr(view, "scan", scan_with_overhead)
-        tracker = HostTracker(budget=0.05, scanner=scanner)
-        monkeypatch.setattr(tracker, "_ensure_view", lambda vm: view)
         vm = Fleet().add("vm1", "unix:/nonexistent", "connect")
-        await tracker.update(vm, None)
+        cycle = VMCycle(vm, budget=lambda: 0.05, scanner=scanner)
+        monkeypatch.setattr(cycle, "_ensure_view", lambda: view)
+        await cycle(Idle())
         view.close()
     assert threads and threads[0].startswith("scan")
-    assert tracker.cadence.cost is not None and tracker.cadence.cost >= BURN
+    assert cycle.cadence.cost is not None and cycle.cadence.cost >= BURN
     assert vm.host is not None and vm.host.ledger is not None
     assert vm.host.ledger.backed_bytes == 100 * 4096
     assert vm.host.scan_interval_seconds is not None
@@ -73,12 +86,13 @@ async def test_a_view_dropped_during_a_scan_is_closed_after_it() -> None:
             events.append("closed")
 
         view.scan, view.close = slow_scan, close  # type: ignore[method-assign]
-        tracker = HostTracker(budget=0.05, scanner=scanner)
-        tracker.view = view
+        cycle = VMCycle(Fleet().add("vm1", "unix:/x", "connect"), budget=lambda: 0.05)
+        cycle.scanner = scanner
+        cycle.view = view
         in_flight = scanner.submit(view.scan)
         assert scanning.wait(5)
-        tracker.close()  # the VM is removed while its scan runs
-        assert tracker.view is None and events == []
+        cycle.close()  # the VM is removed while its scan runs
+        assert cycle.view is None and events == []
         release.set()
         in_flight.result(5)
         scanner.submit(lambda: None).result(5)  # the scanner has run what was queued

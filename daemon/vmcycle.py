@@ -1,0 +1,225 @@
+"""One VM's poll cycle, in one place: poll the monitor, scan, read the balloon, observe, estimate,
+publish.
+
+A session (``daemon.qmp``; ``daemon.libvirt`` next) calls its VM's ``VMCycle`` on schedule with
+the VM's ``Monitor``. The cycle:
+
+1. polls the monitor (balloon, guest stats, what events asked to re-read);
+2. scans residency, when the scan cadence says one is due, on the scanner thread;
+3. reads the balloon again after the scan: the ledger needs the balloon's size from after the
+   scan to tell a balloon inflation from reported pages (see ``daemon.ledger.ranges``);
+4. lets the ledger observe the scan, and estimates;
+5. publishes ``VMState.host`` (a ``HostStatus``), ``VMState.estimate`` and ``VMState.ranges``.
+
+Trouble with the monitor propagates to the session, which owns the connection. Trouble with the
+host view (``/proc`` permissions, a vanished process) is published as the VM's host problem, and
+a bug in the host view or ledger is logged and published too: neither ever costs a VM its
+session.
+
+The daemon gives all VMs one scanner thread: a scan is mostly Python holding the GIL, so more
+threads would not scan faster, only take the GIL from the event loop more often. The CPU budget
+is charged with everything a scan costs on that thread (reading maps, checks, the scan itself),
+not only the syscalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+from daemon.fleet import VMState
+from daemon.host.cadence import ScanCadence
+from daemon.host.mtree import GuestPhysMap
+from daemon.host.unavailable import Unavailable
+from daemon.host.view import GuestRamScan, HostView
+from daemon.instruments import RESIDENCY_SCAN_SECONDS
+from daemon.ledger.estimate import SETTLE_SECONDS, Inputs, estimate, settled
+from daemon.ledger.ranges import Ledger
+from daemon.ledger.status import HostStatus
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE_RETRY = 10.0  # seconds before retrying a host view that failed
+
+
+class Monitor(Protocol):
+    """What the cycle needs of a VM's monitor; it writes what it reads into the VM's record."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def poll(self) -> None:
+        """Read what changes between polls: balloon, guest stats, and what events flagged."""
+
+    async def read_balloon(self) -> None:
+        """Read the balloon's ``actual`` again."""
+
+
+class VMCycle:
+    """The poll cycle of one VM, with the state it keeps between cycles: the host view, the
+    ledger, the scan cadence and what the estimate carries over."""
+
+    def __init__(
+        self,
+        vm: VMState,
+        *,
+        budget: Callable[[], float],
+        interval: float = 1.0,
+        scanner: Executor | None = None,
+    ) -> None:
+        """``budget()`` is this VM's share of the scan budget now (CPU-seconds per second);
+        ``scanner`` runs the scans (None: asyncio's default executor)."""
+        self.vm = vm
+        self.budget = budget
+        self.scanner = scanner
+        self.view: HostView | None = None
+        self.ledger = Ledger()
+        self.cadence = ScanCadence(budget=budget(), interval=interval, idle_interval=4 * interval)
+        self.problem: Unavailable | None = None
+        self.steady_stranded: int | None = None
+        self._key: tuple[Any, ...] | None = None
+        self._next_scan = 0.0
+        self._cpu_seconds = 0.0  # of the last scan
+        vm.ranges = self.ledger.history
+
+    async def __call__(self, monitor: Monitor) -> None:
+        """Run one cycle (see the module docstring)."""
+        await monitor.poll()
+        try:
+            scan = await self._scan_if_due()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if scan is not None and monitor.connected:
+            await monitor.read_balloon()
+        try:
+            self._observe(scan)
+            self._publish()
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        # A bug in the host view or ledger must never cost the VM its monitor session.
+        log.exception("host view of %s failed", self.vm.name, exc_info=exc)
+        self.vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        """Drop the view; its descriptors are closed on the scanner, after any scan in flight.
+
+        A scan may still run on the view (its VM was removed, or the cycle awaiting it was
+        cancelled): closing from here could close descriptors under it, or leave the ones it
+        opens next open for ever.
+        """
+        view, self.view = self.view, None
+        if view is None:
+            return
+        try:
+            if self.scanner is not None:
+                self.scanner.submit(view.close)
+                return
+        except RuntimeError:
+            pass  # the scanner is shut down: no scan runs any more
+        view.close()
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    async def _scan_if_due(self) -> GuestRamScan | None:
+        view = self._ensure_view()
+        if time.monotonic() < self._next_scan:
+            return None
+        loop = asyncio.get_running_loop()
+        result, cpu_seconds = await loop.run_in_executor(self.scanner, _timed_scan, view)
+        if isinstance(result, Unavailable):
+            self.problem = result
+            self._next_scan = time.monotonic() + UNAVAILABLE_RETRY
+            return None
+        self.problem = None
+        self._cpu_seconds = cpu_seconds
+        return result
+
+    def _observe(self, scan: GuestRamScan | None) -> None:
+        stats = self.vm.guest_stats
+        if stats is not None and stats.valid and stats.free_bytes is not None:
+            self.ledger.note_guest_free(stats.free_bytes, stats.last_update or time.time())
+        if scan is None:
+            return
+        obs = self.ledger.observe(scan, self.vm.balloon.actual_bytes)
+        RESIDENCY_SCAN_SECONDS.observe(scan.seconds)
+        self.cadence.budget = self.budget()
+        wait = self.cadence.next_interval(self._cpu_seconds, obs.changed)
+        self._next_scan = time.monotonic() + wait
+
+    def _publish(self) -> None:
+        vm, now = self.vm, time.time()
+        ledger = self.ledger
+        summary = ledger.summary() if ledger.scans else None
+        inputs = Inputs(
+            now=now,
+            ram_bytes=vm.memory.ram_bytes,
+            balloon_actual=vm.balloon.actual_bytes if vm.balloon.present else None,
+            balloon_problem=vm.balloon.problem,
+            reporting_enabled=vm.balloon.free_page_reporting,
+            stats=vm.guest_stats,
+            stats_problem=vm.guest_stats_error,
+            ledger=summary,
+            host_problem=str(self.problem) if self.problem else None,
+            facts=ledger.reporting_facts(now) if summary else None,
+            recent=ledger.reporting_facts(now, window=SETTLE_SECONDS) if summary else None,
+            steady_stranded=self.steady_stranded,
+        )
+        result = estimate(inputs)
+        if settled(inputs) and result.components["stranded"].bytes is not None:
+            self.steady_stranded = result.components["stranded"].bytes
+        vm.estimate = result
+        vm.host = HostStatus(
+            available=summary is not None and self.problem is None,
+            problem=self.problem.reason.value if self.problem else None,
+            problem_detail=self.problem.detail if self.problem else None,
+            reporting_effective=result.reporting_effective,
+            scan_interval_seconds=self.cadence.cost and self.cadence.cost / self.cadence.budget,
+            ledger=summary,
+        )
+
+    def _ensure_view(self) -> HostView:
+        """The VM's host view, made again when the QEMU process or the RAM layout changed."""
+        vm, mem = self.vm, self.vm.memory
+        key = (
+            vm.pid,
+            mem.ramblock_text,
+            mem.base_bytes,
+            tuple(str(d) for d in mem.memdevs),
+            tuple(sorted(mem.mem_paths.items())),
+        )
+        if key != self._key or self.view is None:
+            pid_changed = self._key is None or self._key[0] != vm.pid
+            self.close()
+            self.view = HostView.from_qmp(
+                vm.pid, mem.ramblock_text, mem.memdevs, mem.base_bytes, mem_paths=mem.mem_paths
+            )
+            if pid_changed:  # another QEMU process: what the old one discarded says nothing now
+                self.ledger = Ledger(gpa_map=_gpa_map(mem.mtree_text))
+                vm.ranges = self.ledger.history
+                self.steady_stranded = None
+            self._key = key
+            self._next_scan = 0.0
+        return self.view
+
+
+def _timed_scan(view: HostView) -> tuple[GuestRamScan | Unavailable, float]:
+    """``view.scan()`` and the CPU time it took on this thread."""
+    started = time.thread_time()
+    result = view.scan()
+    return result, time.thread_time() - started
+
+
+def _gpa_map(mtree_text: str | None) -> GuestPhysMap | None:
+    if not mtree_text:
+        return None
+    try:
+        return GuestPhysMap.from_mtree(mtree_text)
+    except ValueError:
+        return None
