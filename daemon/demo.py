@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import DEFAULT_PORT, ConfigError, Settings, load_settings
-from daemon.simguest.cli import parse_size
+from daemon.model.cli import parse_size
 from daemon.simguest.guest import GuestSpec
 from daemon.simguest.launcher import GuestProcess, LaunchError
 

@@ -62,7 +62,15 @@ class Reclaimd:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the journal and start every configured VM source. Raises JournalError."""
+        """Open the journal and start every configured VM source. Raises JournalError or
+        OSError (the listen socket); what was started by then is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         self.journal = Journal(
             self.settings.journal,
             max_events=self.settings.journal_max_events,

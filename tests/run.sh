@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with the project and its test extra, then lint, types and the whole suite
+# Sets up .venv with the project and its test extra, then lint, types, the import contract and
+# the whole suite
 # (unit, property and e2e tests that boot real QEMU guests and a real Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/pytest "$@"

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.fleet import Fleet
+from daemon.config import Address, Settings, VMConfig
+from daemon.fleet import Fleet, VMState
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
 from daemon.host.unavailable import Unavailable
 from daemon.host.view import GuestRamScan, HostView
+from daemon.qmp import probe
+from daemon.qmp.connection import QMPConnection
+from daemon.qmp.errors import QMPSessionError
+from daemon.qmp.monitor import QMPMonitor
+from daemon.service import Reclaimd
 from daemon.vmcycle import VMCycle
 from tests.host.memchild import MemChild
+from tests.qmp.fake_qmp import FakeQMPServer, FakeVM
+from tests.qmp.test_session import eventually
 
 MiB = 1 << 20
 BURN = 0.03  # CPU-seconds of Python work a scan does besides the scanner syscalls
@@ -98,3 +109,138 @@ async def test_a_view_dropped_during_a_scan_is_closed_after_it() -> None:
         scanner.submit(lambda: None).result(5)  # the scanner has run what was queued
         assert events == ["scanned", "closed"]
         assert view._file_fds == {} and view._pagemap_fd is None  # nothing left open
+
+
+# -- the whole cycle over a real QMP connection, at the socket seam ---------------------------
+
+RAM = 64 * MiB
+PAGES = RAM // 4096
+
+
+@pytest.fixture
+def qemu_like() -> Iterator[MemChild]:
+    """A process holding 64 MiB of touched anonymous "guest RAM", as QEMU's pc.ram."""
+    with MemChild() as child:
+        child.map("ram", "anon", RAM)
+        child.touch("ram", [(0, PAGES)])
+        yield child
+
+
+def fake_vm() -> FakeVM:
+    return FakeVM(name="vm1", ram=RAM, actual=RAM, free=40 * MiB, total=60 * MiB,
+                  available=44 * MiB, caches=2 * MiB)  # fmt: skip
+
+
+async def attached(server: FakeQMPServer, vm: VMState, settings: Settings) -> QMPMonitor:
+    conn = QMPConnection("vm1", command_timeout=settings.command_timeout)
+    await conn.connect(Address.parse(server.address), settings.connect_timeout)
+    await probe.attach(conn, vm, stats_interval=2)
+    return QMPMonitor(conn, vm)
+
+
+async def test_a_cycle_polls_scans_reads_the_balloon_after_the_scan_and_publishes(
+    settings: Settings, sockdir: Path, qemu_like: MemChild
+) -> None:
+    server = await FakeQMPServer(sockdir / "vm1.qmp", fake_vm(), tcp=True).start()
+    vm = Fleet().add("vm1", server.address, "connect")
+    vm.pid = qemu_like.pid  # TCP: the socket cannot tell QEMU's pid
+    cycle = VMCycle(vm, budget=lambda: 1.0)
+    monitor = await attached(server, vm, settings)
+    try:
+        await cycle(monitor)
+        assert vm.host is not None and vm.host.ledger is not None, vm.host
+        assert vm.host.ledger.backed_bytes == RAM
+        assert vm.estimate is not None and vm.estimate.components["reported"].bytes == 0
+
+        # Free page reporting returns an aligned 2 MiB block.
+        qemu_like.dontneed("ram", [(2048, 2560)])
+        server.vm.free += 2 * MiB
+        cycle._next_scan = 0.0  # due now, whatever the cadence says
+        await cycle(monitor)
+        assert [(r.block, r.offset, r.order) for r in vm.ranges.query()] == [
+            ("pc.ram", 8 * MiB, 9)
+        ]  # fmt: skip
+        assert vm.ranges.total == 1
+        assert vm.estimate.components["reported"].bytes == 2 * MiB
+
+        # The balloon inflates by 100 scattered pages after the poll read the balloon and
+        # before the scan: only the balloon read after the scan explains the absent pages.
+        balloon = [(p, p + 1) for p in range(9000, 9700, 7)]
+
+        def inflate_after_the_stats_read(command: str, args: dict[str, Any]) -> None:
+            if command == "qom-get" and args.get("property") == "guest-stats":
+                qemu_like.dontneed("ram", balloon)
+                server.vm.actual -= len(balloon) * 4096
+                server.on_command = None
+
+        server.on_command = inflate_after_the_stats_read
+        cycle._next_scan = 0.0
+        before = len(server.commands)
+        await cycle(monitor)
+        assert server.commands[before:] == ["query-balloon", "qom-get", "query-balloon"]
+        ledger = vm.host.ledger
+        assert ledger.ballooned_bytes == len(balloon) * 4096
+        assert ledger.unexplained_bytes == 0
+        assert vm.estimate.components["ballooned"].bytes == len(balloon) * 4096
+
+        # No scan due: the cycle polls the monitor and publishes, and reads the balloon once.
+        cycle._next_scan = float("inf")
+        before = len(server.commands)
+        await cycle(monitor)
+        assert server.commands[before:] == ["query-balloon", "qom-get"]
+    finally:
+        await monitor.conn.close()
+        cycle.close()
+        await server.stop()
+
+
+async def test_trouble_with_the_monitor_reaches_the_session_and_a_host_view_bug_does_not(
+    settings: Settings, sockdir: Path, qemu_like: MemChild, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await FakeQMPServer(sockdir / "vm1.qmp", fake_vm(), tcp=True).start()
+    vm = Fleet().add("vm1", server.address, "connect")
+    vm.pid = qemu_like.pid
+    cycle = VMCycle(vm, budget=lambda: 1.0)
+    monitor = await attached(server, vm, settings)
+    try:
+
+        def broken_observe(*args: Any) -> None:
+            raise ZeroDivisionError("a bug in the ledger")
+
+        await cycle(monitor)  # the first cycle makes the view and its ledger
+        monkeypatch.setattr(cycle.ledger, "observe", broken_observe)
+        cycle._next_scan = 0.0
+        await cycle(monitor)  # does not raise: the session lives on
+        assert vm.host is not None and vm.host.problem == "internal_error"
+        assert "ZeroDivisionError" in (vm.host.problem_detail or "")
+
+        server.behaviour.hangup_on = "query-balloon"
+        with pytest.raises(QMPSessionError):
+            await cycle(monitor)
+    finally:
+        await monitor.conn.close()
+        cycle.close()
+        await server.stop()
+
+
+async def test_the_daemon_uses_the_configured_pid_of_a_vm_attached_over_tcp(
+    settings: Settings, sockdir: Path, qemu_like: MemChild
+) -> None:
+    server = await FakeQMPServer(sockdir / "vm1.qmp", fake_vm(), tcp=True).start()
+    config = VMConfig(name="vm1", address=server.address, pid=qemu_like.pid)
+    daemon = Reclaimd(settings.model_copy(update={"vm": [config]}))
+    await daemon.start()
+    try:
+        vm = daemon.fleet.get("vm1")
+        assert vm is not None
+
+        def scanned() -> bool:
+            return vm.host is not None and vm.host.ledger is not None
+
+        await eventually(scanned)
+        assert vm.pid == qemu_like.pid
+        assert vm.host is not None and vm.host.ledger is not None
+        assert vm.host.ledger.backed_bytes == RAM
+    finally:
+        await daemon.stop()
+        await server.stop()

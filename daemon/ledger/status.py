@@ -1,6 +1,6 @@
 """What the API and metrics read of one VM's host view: a frozen record, replaced per poll.
 
-The tracker publishes a ``HostStatus`` and the ``Estimate`` as plain objects on ``VMState``;
+The poll cycle publishes a ``HostStatus`` and the ``Estimate`` as plain objects on ``VMState``;
 they become dicts only when a REST request asks for them, so a poll of 500 VMs pays nothing
 for readers that may never come.
 """

@@ -282,15 +282,15 @@ class Session(SessionBase):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # Events that arrived before the loss are history too: apply them before the
-            # detach is recorded (a SHUTDOWN is often the last thing a QEMU says).
+            reason = await conn.close()
+            # Events received before the end (until the reader stopped) are history too:
+            # apply them before the detach is recorded (a SHUTDOWN is often the last thing a
+            # QEMU says, and a failed command can end the session before the pump has run).
             for msg in conn.take_queued_events():
                 apply_event(self.vm, dict(msg), self.journal, followups)
         if stop in done:
-            await conn.close()
             return STOPPING_CAUSE
         # Prefer the reader's own error (what the peer did) over a command's view of it.
-        reason = await conn.close()
         for task in done:
             exc = task.exception() if not task.cancelled() else None
             if exc is not None and not isinstance(exc, SessionLost):

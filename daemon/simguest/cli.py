@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from daemon.model.cli import parse_size
 from daemon.simguest.guest import GuestSpec
 from daemon.simguest.process import default_guest_os, run_fleet, run_guest
-
-_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``64MiB`` or a byte count."""
-    m = _SIZE.match(text.strip())
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 256M or 1G")
-    return int(m[1]) * _UNITS[m[2].upper()]
 
 
 def _guest_options(parser: argparse.ArgumentParser) -> None:

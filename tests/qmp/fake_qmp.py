@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,32 +51,62 @@ class Behaviour:
 
 @dataclass
 class FakeQMPServer:
+    """Serves on the Unix socket ``path``, or on a TCP port of 127.0.0.1 when ``tcp``."""
+
     path: Path
     vm: FakeVM = field(default_factory=FakeVM)
     behaviour: Behaviour = field(default_factory=Behaviour)
+    tcp: bool = False
+    # Called with each command's name and arguments before it is answered.
+    on_command: Callable[[str, dict[str, Any]], None] | None = None
     commands: list[str] = field(default_factory=list)
     connections: int = 0
+    port: int = 0
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> FakeQMPServer:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        if self.tcp:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+        else:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         return self
 
+    @property
+    def address(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}" if self.tcp else f"unix:{self.path}"
+
     async def stop(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    def emit_and_hang_up(self, events: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Send ``events`` in one write and hang up at once: what a QEMU that exits says last
+        arrives together with the end of the stream."""
+        for writer in list(self._writers):
+            writer.write(b"".join(json.dumps(_event(n, d)).encode() + b"\r\n" for n, d in events))
+            writer.close()
+
+    async def connect_to(self, path: Path) -> None:
+        """Connect to a listening manager and serve QMP there, as QEMU does with
+        ``-chardev socket,path=PATH,reconnect=N -mon chardev=...,mode=control`` (once: the
+        test decides when to connect again)."""
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        task = asyncio.create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def drop_clients(self) -> None:
         for writer in list(self._writers):
@@ -120,6 +150,8 @@ class FakeQMPServer:
         async for msg in _messages(reader):
             name = msg.get("execute")
             self.commands.append(name)
+            if self.on_command is not None:
+                self.on_command(name, msg.get("arguments") or {})
             if name == self.behaviour.hangup_on:
                 return
             if not self.behaviour.answer and name != "qmp_capabilities":
@@ -164,6 +196,8 @@ class FakeQMPServer:
             return {"return": {"base-memory": vm.ram, "plugged-memory": 0}}
         if name in ("query-memory-devices", "query-memdev"):
             return {"return": []}
+        if name == "x-query-ramblock":
+            return {"return": {"human-readable-text": _ramblocks(vm.ram)}}
         if name == "query-balloon":
             return {"return": {"actual": vm.actual}}
         if name == "balloon":
@@ -211,6 +245,16 @@ class FakeQMPServer:
             )
             return {"return": format_guest_stats(stats, since=(7, 2))}
         return _error("GenericError", f"Property '{prop}' not found")
+
+
+def _ramblocks(ram: int) -> str:
+    """``x-query-ramblock`` as QEMU 7.2 prints it for a pc machine of ``ram`` bytes."""
+    rows = [("pc.ram", 0, ram), ("pc.bios", ram, 0x40000)]
+    header = ("Block Name", "PSize", "Offset", "Used", "Total")
+    lines = [f"{header[0]:>24}    {header[1]}{header[2]:>20}{header[3]:>19}{header[4]:>19}"]
+    for name, offset, size in rows:
+        lines.append(f"{name:>24}    4 KiB  0x{offset:016x} 0x{size:016x} 0x{size:016x}")
+    return "\n".join(lines) + "\n"
 
 
 def _error(cls: str, desc: str) -> dict[str, Any]:

@@ -8,11 +8,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+from prometheus_client import generate_latest
+
 from daemon.config import Address, Settings
 from daemon.fleet import Fleet, SessionState
+from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.journal import Journal
+from daemon.qmp.errors import TransitionError
 from daemon.qmp.monitor import QMPMonitor
-from daemon.qmp.session import PollSession, Session, backoff_delay
+from daemon.qmp.session import (
+    CONNECT_TRANSITIONS,
+    POLL_TRANSITIONS,
+    PollSession,
+    Session,
+    backoff_delay,
+)
+from daemon.service import Reclaimd
 from tests.qmp.fake_qmp import Behaviour, FakeVM
 
 S = SessionState
@@ -216,3 +228,90 @@ async def test_polls_keep_to_their_schedule_however_long_a_poll_takes(
     await stop(task)
     span = polls[8] - polls[0]
     assert 8 * interval - 0.02 <= span < 8 * (interval + work) - 0.2, span  # drift: >= 2.4 s
+
+
+def test_a_transition_the_table_forbids_is_refused(settings: Settings, journal: Journal) -> None:
+    vm = Fleet().add("vm1", "unix:/nowhere", "connect")
+    session = Session(vm, settings, journal, address=Address("unix", path="/nowhere"))
+    with pytest.raises(TransitionError, match="cannot go from idle to running"):
+        session._set(S.RUNNING)
+    assert vm.session_state == S.IDLE and list(session.transitions) == [S.IDLE]
+    poll = PollSession(vm, settings, journal, address=Address("unix", path="/nowhere"))
+    poll._set(S.RUNNING)
+    with pytest.raises(TransitionError, match="cannot go from running to backoff"):
+        poll._set(S.BACKOFF)
+    # Every state of a kind has a row, and nothing leaves STOPPED.
+    for table in (CONNECT_TRANSITIONS, POLL_TRANSITIONS):
+        assert set().union(*table.values()) <= set(table)
+        assert table[S.STOPPED] == frozenset()
+
+
+async def test_a_stop_request_ends_the_session_without_cancelling_it(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: session.vm.up)
+    session.request_stop()
+    await asyncio.wait_for(task, 5)  # it returns by itself
+    assert not task.cancelled()
+    assert list(session.transitions)[-3:] == [S.RUNNING, S.DISCONNECTED, S.STOPPED]
+    detach = session.journal.entries("vm1", kinds=["detach"])
+    assert [e.data["cause"] for e in detach] == ["reclaimd is stopping"]
+    await eventually(lambda: not server._writers)  # the connection was closed
+
+
+async def test_a_stop_request_ends_a_poll_session(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    vm = Fleet().add("p", f"unix:{server.path}", "poll")
+    session = PollSession(vm, settings, journal, address=Address("unix", path=str(server.path)))
+    task = asyncio.create_task(session.run())
+    await eventually(lambda: vm.up)
+    session.request_stop()
+    await asyncio.wait_for(task, 5)
+    assert session.state == S.STOPPED and not vm.up
+    assert [e.name for e in reversed(journal.entries("p"))] == ["attach", "detach"]
+
+
+async def test_events_received_before_a_hang_up_are_recorded_before_the_detach(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    server = await fake_qmp()
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: session.vm.up)
+    # A burst, then QEMU exits: the last events arrive together with the hang-up.
+    burst: list[tuple[str, dict[str, Any] | None]] = [
+        ("BALLOON_CHANGE", {"actual": n}) for n in range(50)
+    ]
+    server.emit_and_hang_up([*burst, ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})])
+    await eventually(lambda: session.vm.reconnects == 1 and session.vm.up)
+    await stop(task)
+    assert session.vm.event_counts == {"BALLOON_CHANGE": 50, "SHUTDOWN": 1}
+    names = [e.name for e in reversed(journal.entries("vm1", limit=100))]
+    assert names.index("SHUTDOWN") < names.index("detach")
+
+
+async def test_a_removed_vm_takes_its_reconnect_series_with_it(
+    settings: Settings, fake_qmp: Any
+) -> None:
+    server = await fake_qmp("gone")
+    daemon = Reclaimd(settings, host_view=False)
+    await daemon.start()
+    try:
+        daemon.add_vm("gone", Address("unix", path=str(server.path)))
+        vm = daemon.fleet.get("gone")
+        assert vm is not None
+        await eventually(lambda: vm.up)
+        server.drop_clients()
+        await eventually(lambda: vm.reconnects == 1 and vm.up)
+        assert 'reclaimd_qmp_reconnects_total{vm="gone"} 1.0' in _daemon_metrics()
+        daemon.remove_vm("gone")
+        assert 'vm="gone"' not in _daemon_metrics()
+    finally:
+        await daemon.stop()
+
+
+def _daemon_metrics() -> str:
+    return generate_latest(DAEMON_REGISTRY).decode()
