@@ -42,7 +42,7 @@ from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from daemon.simguest.accuracy import STEADY_FRACTION, ErrorSeries
 from daemon.simguest.cli import parse_size
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import FleetProcess, GuestProcess
 
 MiB = 1 << 20
@@ -351,7 +351,7 @@ def run_accuracy(args: argparse.Namespace, workdir: Path) -> dict[str, ErrorSeri
     guests: dict[str, GuestProcess] = {}
     try:
         for i, workload in enumerate(ACCURACY_WORKLOADS):
-            spec = GuestSpec(
+            spec = SimGuestSpec(
                 name=workload,
                 ram_bytes=args.accuracy_ram,
                 socket=vms / f"{workload}.qmp",

@@ -24,7 +24,7 @@ from typing import Any
 
 from daemon.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from daemon.model.cli import parse_size
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import GuestProcess, LaunchError
 
 WORKLOADS = ("memhog", "fragment", "pagecache", "idle")
@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
             workloads = [w for w in args.workloads.split(",") if w] or list(WORKLOADS)
             for i in range(args.guests):
                 name = f"sim-{workloads[i % len(workloads)]}-{i + 1}"
-                spec = GuestSpec(
+                spec = SimGuestSpec(
                     name=name,
                     ram_bytes=args.ram,
                     socket=vms / f"{name}.qmp",  # the daemon names a VM after its socket
@@ -123,16 +123,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _start_qemu_guests(count: int, workdir: Path, vms: Path) -> Iterator[Callable[[], None]]:
-    from daemon.testguest import GuestBuildError, GuestError, GuestSpec, build_image, launch
+    from daemon.testguest import GuestBuildError, GuestError, QemuGuestSpec, build_image, launch
 
     try:
         image = build_image()
     except GuestBuildError as exc:
         raise LaunchError(f"cannot build the QEMU test guest: {exc}") from exc
     for i in range(count):
-        spec = GuestSpec(
+        spec = QemuGuestSpec(
             name=f"qemu-{i + 1}",
-            ram_mib=512,
+            ram_bytes=512 * MiB,
             memfd=True,
             workload=QEMU_WORKLOAD,
             qmp="server",

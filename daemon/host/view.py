@@ -106,7 +106,7 @@ class GuestRamScan:
 
     @property
     def seconds(self) -> float:
-        """Wall time of the block scans (the poll cycle charges its budget with all a scan costs)."""
+        """Wall time of the block scans (the poll cycle charges its budget with all of a scan)."""
         return sum(b.snapshot.seconds for b in self.blocks)
 
 

@@ -23,7 +23,7 @@ Modules, from the wire up:
 - ``qom``, ``balloon``, ``machine``, ``commands``: what QMP sees of the VM.
 - ``ram``: guest RAM as a memfd (writes, discards).
 - ``guestos``: the guest kernel backed by the allocator model.
-- ``guest``: one guest at run time (``GuestSpec``, ``SimGuest``).
+- ``guest``: one guest at run time (``SimGuestSpec``, ``SimGuest``).
 - ``truth``, ``accuracy``: ground truth and how far an estimate is from it.
 - ``process``, ``launcher``, ``cli``: processes, and starting them from elsewhere.
 
@@ -32,16 +32,16 @@ shows a subset; memory-region children cannot be listed); commands reclaimd does
 ``CommandNotFound``; the version is 7.2.0 with an empty package string.
 """
 
-from daemon.simguest.guest import GuestSpec, SimGuest
+from daemon.simguest.guest import SimGuest, SimGuestSpec
 from daemon.simguest.launcher import FleetProcess, GuestProcess, LaunchError
 from daemon.simguest.truth import read_truth, truth_path
 
 __all__ = [
     "FleetProcess",
     "GuestProcess",
-    "GuestSpec",
     "LaunchError",
     "SimGuest",
+    "SimGuestSpec",
     "read_truth",
     "truth_path",
 ]

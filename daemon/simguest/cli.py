@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.model.cli import parse_size
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.process import default_guest_os, run_fleet, run_guest
 
 
@@ -35,6 +35,9 @@ def _guest_options(parser: argparse.ArgumentParser) -> None:
         "--no-free-page-reporting", action="store_true", help="free-page-reporting=off"
     )
     parser.add_argument("--deflate-on-oom", action="store_true", help="deflate-on-oom=on")
+    parser.add_argument(
+        "--page-reporting-order", type=int, help="the guest's page_reporting_order (9)"
+    )
     parser.add_argument(
         "--no-guest-os", action="store_true", help="the guest never loads a balloon driver"
     )
@@ -68,19 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spec(args: argparse.Namespace, **fields: Any) -> GuestSpec:
-    return GuestSpec(
+def _spec(args: argparse.Namespace, **fields: Any) -> SimGuestSpec:
+    return SimGuestSpec(
         ram_bytes=args.ram,
         engine=args.engine,
         time_scale=args.time_scale,
         tick=args.tick,
         free_page_reporting=not args.no_free_page_reporting,
         deflate_on_oom=args.deflate_on_oom,
+        page_reporting_order=args.page_reporting_order,
         **fields,
     )
 
 
-def run_spec(args: argparse.Namespace) -> GuestSpec:
+def run_spec(args: argparse.Namespace) -> SimGuestSpec:
     if args.socket is None and args.connect is None:
         raise SystemExit("simguest run: give --socket, --connect or both")
     return _spec(
@@ -96,7 +100,7 @@ def run_spec(args: argparse.Namespace) -> GuestSpec:
     )
 
 
-def fleet_specs(args: argparse.Namespace) -> list[GuestSpec]:
+def fleet_specs(args: argparse.Namespace) -> list[SimGuestSpec]:
     workloads = [w for w in args.workloads.split(",") if w]
     if args.count < 1 or not workloads:
         raise SystemExit("simguest fleet: need --count >= 1 and at least one workload")

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from daemon.guest_stats import GuestStats
+from daemon.guestspec import GuestSpec, MiB
 from daemon.simguest.commands import MachineCommands
 from daemon.simguest.events import EventBus
 from daemon.simguest.machine import Machine, MachineConfig
@@ -27,8 +28,6 @@ from daemon.simguest.monitor import Monitor
 from daemon.simguest.ram import GuestRAM
 from daemon.simguest.transport import UnixListener, connect_unix, listen_unix
 from daemon.simguest.truth import PageStates, document, serve_truth, truth_path
-
-MiB = 1 << 20
 
 
 class GuestOS(Protocol):
@@ -49,40 +48,34 @@ class GuestOS(Protocol):
     def page_states(self) -> PageStates: ...
 
 
-GuestOSFactory = Callable[["GuestSpec", GuestRAM], GuestOS]
+GuestOSFactory = Callable[["SimGuestSpec", GuestRAM], GuestOS]
 
 
-@dataclass(frozen=True)
-class GuestSpec:
-    """Everything one simulated guest is started with.
+@dataclass(frozen=True, kw_only=True)
+class SimGuestSpec(GuestSpec):
+    """A simulated guest: the guest (``GuestSpec``) and how the simulation runs it.
 
     ``socket`` is the QMP server socket (``-qmp unix:PATH,server=on,wait=off``); ``connect``
     with ``reconnect`` makes it also connect out to a listening manager, as
-    ``-chardev socket,path=...,reconnect=N``. ``time_scale`` runs the guest's own clock faster
-    than the host's (reporting delays, workload phases), to shorten demos and tests.
+    ``-chardev socket,path=...,reconnect=N``. ``workload`` names a model workload (default
+    idle). ``time_scale`` runs the guest's own clock faster than the host's (reporting delays,
+    workload phases), to shorten demos and tests.
     """
 
-    name: str
-    ram_bytes: int
+    workload: str = "idle"  # a model workload (daemon.model.WORKLOADS)
     socket: Path | None = None
     connect: Path | None = None
     reconnect: float = 5.0
-    workload: str = "idle"
     seed: int = 0
     engine: str = "upstream"
-    free_page_reporting: bool = True
-    deflate_on_oom: bool = False
     start_paused: bool = False
     time_scale: float = 1.0
     tick: float = 0.1
     # The Linux driver moves 256 pages per round trip; a busy host manages a few hundred MiB/s.
     balloon_bytes_per_second: int = 256 * MiB
-    uuid: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.ram_bytes <= 0 or self.ram_bytes % (4 * MiB):
-            raise ValueError("ram_bytes must be a positive multiple of 4 MiB")
+        super().__post_init__()
         if self.tick <= 0 or self.time_scale <= 0:
             raise ValueError("tick and time_scale must be positive")
 
@@ -97,7 +90,7 @@ class GuestSpec:
 
 
 class SimGuest:
-    def __init__(self, spec: GuestSpec, guest_os: GuestOSFactory | None) -> None:
+    def __init__(self, spec: SimGuestSpec, guest_os: GuestOSFactory | None) -> None:
         """``guest_os=None`` gives a machine whose guest never loads a balloon driver."""
         if spec.socket is None and spec.connect is None:
             raise ValueError("a simulated guest needs a QMP socket, a connect target or both")

@@ -27,7 +27,7 @@ from daemon.guest_stats import GuestStats
 from daemon.model import MAX_PAGE_ORDER, WORKLOADS, SimConfig, SimLog, Simulation, make_workload
 from daemon.model.constants import PAGE_SIZE, PG_FREE_MASK, PG_REPORTED, PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.ram import GuestRAM
 from daemon.simguest.truth import PageStates
 
@@ -54,12 +54,11 @@ def block_pages(
 class ModelGuestOS:
     """A guest kernel booted in ``ram`` from ``spec`` (workload, seed, reporting engine)."""
 
-    def __init__(self, spec: GuestSpec, ram: GuestRAM) -> None:
-        if spec.workload not in WORKLOADS:
-            raise ValueError(
-                f"unknown workload {spec.workload!r}; choose from {', '.join(WORKLOADS)}"
-            )
-        order = int(spec.options.get("reporting_order", 9))
+    def __init__(self, spec: SimGuestSpec, ram: GuestRAM) -> None:
+        workload = spec.workload
+        if workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+        order = spec.page_reporting_order if spec.page_reporting_order is not None else 9
         config = SimConfig(
             ram_bytes=spec.ram_bytes,
             engine=spec.engine if spec.free_page_reporting else None,
@@ -71,7 +70,7 @@ class ModelGuestOS:
             raise ValueError("guest RAM must be a multiple of 4 MiB (MAX_PAGE_ORDER blocks)")
         self._ram = ram
         self._deflate_on_oom = spec.deflate_on_oom
-        self.sim = Simulation(config, make_workload(spec.workload))
+        self.sim = Simulation(config, make_workload(workload))
         self.reporting_order = order if spec.free_page_reporting else NO_REPORTING_ORDER
         # The kernel writes its own reservations (image, memmap) while it boots.
         ram.write(self.sim.alloc.heads(PG_RESERVED).astype(np.int64))

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.truth import read_truth, truth_path
 
 _PR_SET_PDEATHSIG = 1
@@ -33,7 +33,7 @@ class LaunchError(RuntimeError):
     """A simulated guest (or fleet) did not come up; the message carries its output."""
 
 
-def spec_argv(spec: GuestSpec, *, guest_os: bool = True) -> list[str]:
+def spec_argv(spec: SimGuestSpec, *, guest_os: bool = True) -> list[str]:
     """The ``run`` command line that starts ``spec``."""
     argv = ["run", "--name", spec.name, "--ram", str(spec.ram_bytes)]
     if spec.socket is not None:
@@ -50,6 +50,8 @@ def spec_argv(spec: GuestSpec, *, guest_os: bool = True) -> list[str]:
         argv.append("--no-free-page-reporting")
     if spec.deflate_on_oom:
         argv.append("--deflate-on-oom")
+    if spec.page_reporting_order is not None:
+        argv += ["--page-reporting-order", str(spec.page_reporting_order)]
     if not guest_os:
         argv.append("--no-guest-os")
     return argv
@@ -132,14 +134,14 @@ class _Child:
 class GuestProcess:
     """One simulated guest in its own process."""
 
-    def __init__(self, spec: GuestSpec, child: _Child) -> None:
+    def __init__(self, spec: SimGuestSpec, child: _Child) -> None:
         self.spec = spec
         self._child = child
 
     @classmethod
     def start(
         cls,
-        spec: GuestSpec,
+        spec: SimGuestSpec,
         *,
         log: Path | None = None,
         timeout: float = 30.0,

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon.simguest.guest import GuestOSFactory, GuestSpec, SimGuest
+from daemon.simguest.guest import GuestOSFactory, SimGuest, SimGuestSpec
 
 _PR_SET_PDEATHSIG = 1
 Handler = Callable[[int, FrameType | None], Any] | int | None
@@ -44,7 +44,7 @@ def default_guest_os() -> GuestOSFactory:
 
 
 async def serve_guest(
-    spec: GuestSpec, guest_os: GuestOSFactory | None, ready_fd: int | None = None
+    spec: SimGuestSpec, guest_os: GuestOSFactory | None, ready_fd: int | None = None
 ) -> int:
     guest = SimGuest(spec, guest_os)
     loop = asyncio.get_running_loop()
@@ -62,13 +62,15 @@ async def serve_guest(
     return 0
 
 
-def run_guest(spec: GuestSpec, guest_os: GuestOSFactory | None, ready_fd: int | None = None) -> int:
+def run_guest(
+    spec: SimGuestSpec, guest_os: GuestOSFactory | None, ready_fd: int | None = None
+) -> int:
     """Run one guest in this process until it exits; returns the exit code."""
     return asyncio.run(serve_guest(spec, guest_os, ready_fd))
 
 
 def run_fleet(
-    specs: Sequence[GuestSpec], guest_os: GuestOSFactory | None, ready_fd: int | None = None
+    specs: Sequence[SimGuestSpec], guest_os: GuestOSFactory | None, ready_fd: int | None = None
 ) -> int:
     """Fork one child process per guest; return when all have exited (0 if all exited 0)."""
     _warm_up(specs, guest_os)
@@ -111,7 +113,7 @@ def run_fleet(
             signal.signal(signum, handler)
 
 
-def _warm_up(specs: Sequence[GuestSpec], guest_os: GuestOSFactory | None) -> None:
+def _warm_up(specs: Sequence[SimGuestSpec], guest_os: GuestOSFactory | None) -> None:
     """Run a small guest of each workload briefly before forking.
 
     Modules imported on first use and first-use caches then sit in pages every child shares,
@@ -119,13 +121,13 @@ def _warm_up(specs: Sequence[GuestSpec], guest_os: GuestOSFactory | None) -> Non
     """
     with tempfile.TemporaryDirectory(prefix="simguest-warm-") as tmp:
         for workload in sorted({s.workload for s in specs}):
-            spec = GuestSpec(
+            spec = SimGuestSpec(
                 name="warm-up", ram_bytes=4 << 20, socket=Path(tmp) / "w.qmp", workload=workload
             )
             asyncio.run(_brief(spec, guest_os))
 
 
-async def _brief(spec: GuestSpec, guest_os: GuestOSFactory | None) -> None:
+async def _brief(spec: SimGuestSpec, guest_os: GuestOSFactory | None) -> None:
     guest = SimGuest(spec, guest_os)
     await guest.start()
     guest.step()
@@ -134,7 +136,7 @@ async def _brief(spec: GuestSpec, guest_os: GuestOSFactory | None) -> None:
 
 
 def _child(
-    spec: GuestSpec,
+    spec: SimGuestSpec,
     guest_os: GuestOSFactory | None,
     ready_w: int,
     handlers: dict[signal.Signals, Handler],

@@ -14,7 +14,7 @@ from daemon.testguest.errors import (
     GuestLaunchError,
     GuestTimeoutError,
 )
-from daemon.testguest.launch import GuestSpec, RunningGuest, launch
+from daemon.testguest.launch import QemuGuestSpec, RunningGuest, launch
 
 __all__ = [
     "Accel",
@@ -25,8 +25,8 @@ __all__ = [
     "GuestExitedError",
     "GuestImage",
     "GuestLaunchError",
-    "GuestSpec",
     "GuestTimeoutError",
+    "QemuGuestSpec",
     "RunningGuest",
     "build_image",
     "choose_accel",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from daemon.testguest.build import build_image, default_cache_dir
 from daemon.testguest.errors import GuestError
-from daemon.testguest.launch import GuestSpec, launch
+from daemon.testguest.launch import QemuGuestSpec, launch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     image = build_image(args.cache, kernel_package=args.kernel_package)
-    spec = GuestSpec(
+    spec = QemuGuestSpec(
         name=args.name,
-        ram_mib=args.ram,
+        ram_bytes=args.ram << 20,
         workload=args.workload,
         memfd=args.memfd,
         free_page_reporting=not args.no_reporting,

@@ -1,6 +1,6 @@
 """Boot the test guest under QEMU and hold a handle on it.
 
-``GuestSpec`` says what to boot; ``launch`` starts QEMU and returns a ``RunningGuest``, which
+``QemuGuestSpec`` says what to boot; ``launch`` starts QEMU and returns a ``RunningGuest``, which
 owns the process (and always ends it: ``close()``, or leaving its ``with`` block), the console
 log, the control channel and the QMP address. Everything is synchronous; from asyncio code call
 the slow parts through ``asyncio.to_thread``.
@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Literal
 from uuid import uuid4
 
+from daemon.guestspec import GuestSpec, MiB
 from daemon.testguest.accel import Accel, choose_accel
 from daemon.testguest.build import GuestImage
 from daemon.testguest.control import ControlChannel
@@ -35,9 +36,9 @@ _PR_SET_PDEATHSIG = 1
 QmpMode = Literal["server", "client", "none"]
 
 
-@dataclass(frozen=True)
-class GuestSpec:
-    """What to boot.
+@dataclass(frozen=True, kw_only=True)
+class QemuGuestSpec(GuestSpec):
+    """The real test guest under QEMU: the guest (``GuestSpec``) and how QEMU runs it.
 
     ``qmp``: ``server`` makes QEMU listen on ``qmp_path`` (``-qmp unix:...,server=on,wait=off``;
     a path in the guest's socket directory when None), as for reclaimd's ``connect`` mode;
@@ -52,32 +53,34 @@ class GuestSpec:
     """
 
     name: str = "testguest"
-    ram_mib: int = 512
+    ram_bytes: int = 512 * MiB
+    uuid: str | None = field(default_factory=lambda: str(uuid4()))
     cpus: int = 1
     balloon: bool = True
     balloon_id: str | None = "balloon0"
-    free_page_reporting: bool = True
     memfd: bool = False
-    workload: str | None = None
     noballoon: bool = False
-    page_reporting_order: int | None = None
     qmp: QmpMode = "server"
     qmp_path: Path | None = None
-    uuid: str = field(default_factory=lambda: str(uuid4()))
     kernel_args: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
     accel: str | None = None
     qemu: str = QEMU
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.qmp == "client" and self.qmp_path is None:
             raise ValueError("qmp='client' needs qmp_path: the socket the daemon listens on")
         if self.workload is not None and (
             not self.workload or any(c.isspace() for c in self.workload)
         ):
             raise ValueError(f"workload is one word of comma-separated steps: {self.workload!r}")
-        if self.ram_mib < 64:
-            raise ValueError(f"ram_mib={self.ram_mib}: the guest needs at least 64 MiB")
+        if self.ram_bytes < 64 * MiB:
+            raise ValueError(f"ram_bytes={self.ram_bytes}: the guest needs at least 64 MiB")
+
+    @property
+    def ram_mib(self) -> int:
+        return self.ram_bytes // MiB
 
     def kernel_cmdline(self) -> str:
         # panic=-1 with -no-reboot: a guest that panics makes QEMU exit at once instead of hanging.
@@ -104,9 +107,11 @@ class GuestPaths:
     qmp: Path | None
 
 
-def qemu_argv(spec: GuestSpec, image: GuestImage, paths: GuestPaths, accel: Accel) -> list[str]:
+def qemu_argv(spec: QemuGuestSpec, image: GuestImage, paths: GuestPaths, accel: Accel) -> list[str]:
     """The full QEMU command line for ``spec``."""
-    argv = [spec.qemu, "-name", f"guest={_opt(spec.name)}", "-uuid", spec.uuid]
+    argv = [spec.qemu, "-name", f"guest={_opt(spec.name)}"]
+    if spec.uuid is not None:
+        argv += ["-uuid", spec.uuid]
     argv += ["-nodefaults", "-display", "none", "-no-reboot", *accel.qemu_args()]
     argv += ["-m", f"{spec.ram_mib}M", "-smp", str(spec.cpus)]
     if spec.memfd:
@@ -123,6 +128,8 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, paths: GuestPaths, accel: Acce
         if spec.balloon_id is not None:
             device += f",id={_opt(spec.balloon_id)}"
         device += f",free-page-reporting={'on' if spec.free_page_reporting else 'off'}"
+        if spec.deflate_on_oom:
+            device += ",deflate-on-oom=on"
         argv += ["-device", device]
     if spec.qmp == "server":
         assert paths.qmp is not None
@@ -154,7 +161,7 @@ class RunningGuest:
 
     def __init__(
         self,
-        spec: GuestSpec,
+        spec: QemuGuestSpec,
         image: GuestImage,
         accel: Accel,
         process: subprocess.Popen[bytes],
@@ -290,7 +297,7 @@ def _wait_for_sockets(process: subprocess.Popen[bytes], paths: list[Path], qemu_
 
 
 def launch(
-    spec: GuestSpec,
+    spec: QemuGuestSpec,
     image: GuestImage,
     run_dir: Path | None = None,
     *,

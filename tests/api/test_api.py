@@ -242,8 +242,8 @@ async def test_broken_monitors_never_delay_the_api_or_other_vms(
 async def test_estimate_and_ranges_say_why_without_a_host_view(
     client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
 ) -> None:
-    # The fake monitor has no x-query-ramblock: the host cannot locate guest RAM.
-    await attach(daemon, await fake_qmp())
+    # A QEMU without x-query-ramblock (before 6.2): the host cannot locate guest RAM.
+    await attach(daemon, await fake_qmp(behaviour=Behaviour(lacks=frozenset({"x-query-ramblock"}))))
     await eventually(lambda: daemon.fleet.get("vm1").estimate is not None)  # type: ignore[union-attr]
     estimate = (await client.get("/api/v1/vms/vm1/estimate")).json()
     components = estimate["components"]

@@ -17,7 +17,7 @@ import pytest
 from daemon.testguest import (
     GuestBuildError,
     GuestImage,
-    GuestSpec,
+    QemuGuestSpec,
     RunningGuest,
     build_image,
     launch,
@@ -50,7 +50,7 @@ def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuest]:
     """``boot_guest(spec, ready=True) -> RunningGuest``; logs are kept under ``tmp_path``."""
     started: list[RunningGuest] = []
 
-    def boot(spec: GuestSpec, ready: bool = True) -> RunningGuest:
+    def boot(spec: QemuGuestSpec, ready: bool = True) -> RunningGuest:
         guest = launch(spec, guest_image, tmp_path / f"guest{len(started)}-{spec.name}")
         started.append(guest)
         if ready:

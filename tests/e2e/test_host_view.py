@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from daemon.testguest import GuestSpec, RunningGuest
+from daemon.testguest import QemuGuestSpec, RunningGuest
 from tests.e2e.reclaimd_proc import ReclaimdProcess
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,7 @@ def boot_attached(
     boot_guest: BootGuest, reclaimd: Callable[..., ReclaimdProcess], short_dir: Path, **spec: Any
 ) -> tuple[RunningGuest, ReclaimdProcess]:
     qmp = short_dir / f"{spec['name']}.qmp"
-    guest = boot_guest(GuestSpec(qmp_path=qmp, **spec))
+    guest = boot_guest(QemuGuestSpec(qmp_path=qmp, **spec))
     rd = reclaimd("--vm", f"{spec['name']}=unix:{qmp}")
     rd.wait_for(lambda: host(rd, spec["name"]).get("scans", 0) >= 2, 30, "host scans")
     return guest, rd
@@ -155,7 +155,7 @@ def test_no_permission_is_a_clear_reason(
     if os.geteuid() != 0:
         pytest.fail("this test runs reclaimd as 'nobody' against a root QEMU: run it as root")
     qmp = short_dir / "np.qmp"
-    boot_guest(GuestSpec(name="np", qmp_path=qmp))
+    boot_guest(QemuGuestSpec(name="np", qmp_path=qmp))
     # Let an unprivileged daemon reach the socket, but not QEMU's /proc files.
     for path in (short_dir, qmp):
         path.chmod(path.stat().st_mode | stat.S_IRWXO)

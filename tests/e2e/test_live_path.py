@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.testguest import GuestSpec, RunningGuest
+from daemon.testguest import QemuGuestSpec, RunningGuest
 from tests.e2e.reclaimd_proc import ReclaimdProcess
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +82,7 @@ def test_connect_mode(
     boot_guest: BootGuest, reclaimd: Callable[..., ReclaimdProcess], short_dir: Path
 ) -> None:
     qmp = short_dir / "g1.qmp"
-    spec = GuestSpec(name="g1", qmp_path=qmp)
+    spec = QemuGuestSpec(name="g1", qmp_path=qmp)
     booted_at = time.time()
     guest = boot_guest(spec, ready=False)
     rd = reclaimd("--vm", f"g1=unix:{qmp}")
@@ -102,7 +102,7 @@ def test_connect_mode(
     rd.wait_for(lambda: rd.metric("qemu_vm_up", vm="g1") == 0, 1 + 1.5, "qemu_vm_up 0 after kill")
     assert time.monotonic() - killed_at <= 2.5
 
-    boot_guest(GuestSpec(name="g1", qmp_path=qmp), ready=False)
+    boot_guest(QemuGuestSpec(name="g1", qmp_path=qmp), ready=False)
     rd.wait_for(lambda: rd.metric("qemu_vm_up", vm="g1") == 1, 60, "reattach after restart")
     assert rd.metric("reclaimd_qmp_reconnects_total", vm="g1") == 1
     vm = rd.get("/api/v1/vms/g1")
@@ -115,14 +115,14 @@ def test_listen_mode(
     listen = short_dir / "reclaimd.sock"
     rd = reclaimd("--listen-socket", str(listen))
     booted_at = time.time()
-    guest = boot_guest(GuestSpec(name="lg1", qmp="client", qmp_path=listen), ready=False)
+    guest = boot_guest(QemuGuestSpec(name="lg1", qmp="client", qmp_path=listen), ready=False)
     vm = wait_attached_with_stats(rd, "lg1", booted_at)
     assert vm["attach"] == "listen" and vm["uuid"] == guest.spec.uuid
     balloon_round_trip(rd, "lg1")
     guest.kill()
     rd.wait_for(lambda: rd.metric("qemu_vm_up", vm="lg1") == 0, 3, "qemu_vm_up 0 after kill")
     boot_guest(
-        GuestSpec(name="lg1", qmp="client", qmp_path=listen, uuid=guest.spec.uuid), ready=False
+        QemuGuestSpec(name="lg1", qmp="client", qmp_path=listen, uuid=guest.spec.uuid), ready=False
     )
     rd.wait_for(lambda: rd.metric("qemu_vm_up", vm="lg1") == 1, 60, "QEMU reconnects to us")
 
@@ -132,8 +132,8 @@ def test_poll_mode_and_a_guest_without_balloon_driver(
 ) -> None:
     polled, nodriver = short_dir / "p1.qmp", short_dir / "nd.qmp"
     booted_at = time.time()
-    boot_guest(GuestSpec(name="p1", qmp_path=polled), ready=False)
-    boot_guest(GuestSpec(name="nd", qmp_path=nodriver, noballoon=True), ready=False)
+    boot_guest(QemuGuestSpec(name="p1", qmp_path=polled), ready=False)
+    boot_guest(QemuGuestSpec(name="nd", qmp_path=nodriver, noballoon=True), ready=False)
     rd = reclaimd("--vm", f"p1=poll+unix:{polled}", "--vm", f"nd=unix:{nodriver}")
     vm = wait_attached_with_stats(rd, "p1", booted_at)
     assert vm["attach"] == "poll"

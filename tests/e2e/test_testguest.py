@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from daemon.testguest import GuestSpec, RunningGuest, fields
+from daemon.testguest import QemuGuestSpec, RunningGuest, fields
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +84,7 @@ def watch_rss_fall(pid: int, from_bytes: int, want_bytes: int, deadline_s: float
 
 
 async def test_balloon_binds_and_reporting_returns_freed_memory(boot_guest: BootGuest) -> None:
-    guest = boot_guest(GuestSpec(name="fpr"))
+    guest = boot_guest(QemuGuestSpec(name="fpr"))
     assert console_value(guest, "balloon") == "bound"
     # pageblock_order on x86-64: virtio_balloon registers with the default order.
     assert console_value(guest, "page_reporting_order") == "9"
@@ -135,7 +135,7 @@ async def test_memfd_guest_attaches_to_a_listening_daemon(
     server.bind(str(address))
     server.listen(1)
     server.setblocking(False)
-    spec = GuestSpec(
+    spec = QemuGuestSpec(
         name="listen",
         memfd=True,
         qmp="client",
@@ -167,7 +167,7 @@ async def test_memfd_guest_attaches_to_a_listening_daemon(
 
 
 async def test_guest_without_balloon_driver_returns_nothing(boot_guest: BootGuest) -> None:
-    guest = boot_guest(GuestSpec(name="nodriver", noballoon=True, balloon_id=None))
+    guest = boot_guest(QemuGuestSpec(name="nodriver", noballoon=True, balloon_id=None))
     guest.wait_for_console(r"^RECLAIMD-GUEST: module virtio_balloon skipped", timeout=5)
     assert console_value(guest, "balloon") == "not-loaded"
     # With no reporting device registered, 6.1 reads MAX_ORDER (11), not pageblock_order.

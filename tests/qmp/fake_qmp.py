@@ -47,6 +47,7 @@ class Behaviour:
     huge_line_after: str | None = None  # command answered with a 10 MiB line
     hangup_on: str | None = None  # command that makes the server hang up without replying
     balloon_step: int = 0  # bytes per BALLOON_CHANGE event when converging; 0 = at once
+    lacks: frozenset[str] = frozenset()  # commands this QEMU does not have (CommandNotFound)
 
 
 @dataclass
@@ -183,6 +184,8 @@ class FakeQMPServer:
         balloon_parent = "/machine/peripheral" if vm.balloon_id else "/machine/peripheral-anon"
         balloon_name = vm.balloon_id or "device[0]"
         balloon_path = f"{balloon_parent}/{balloon_name}"
+        if name in self.behaviour.lacks:
+            return _error("CommandNotFound", f"The command {name} has not been found")
         if name == "qmp_capabilities":
             return {"return": {}}
         if name == "query-name":

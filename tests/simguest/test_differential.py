@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.simguest.guest import GuestSpec, SimGuest
+from daemon.simguest.guest import SimGuest, SimGuestSpec
 from tests.simguest.conversations import (
     CONVERSATIONS,
     FIXTURE,
@@ -35,7 +35,7 @@ def fixture_transcripts() -> dict[str, Transcript]:
 @pytest.fixture
 async def stopped_simguest(tmp_path: Path) -> AsyncIterator[Path]:
     sock = tmp_path / "sim.qmp"
-    spec = GuestSpec(
+    spec = SimGuestSpec(
         name=VM_NAME, ram_bytes=RAM_BYTES, socket=sock, start_paused=True, uuid=VM_UUID
     )
     guest = SimGuest(spec, guest_os=None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemon.simguest.guest import GuestSpec, SimGuest
+from daemon.simguest.guest import SimGuest, SimGuestSpec
 from daemon.simguest.process import default_guest_os
 from tests.simguest.conversations import (
     BALLOON,
@@ -51,14 +51,13 @@ STEPS = [
 def real_guest(tmp_path: Path) -> Iterator[Path]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 not found: install qemu-system-x86", pytrace=False)
-    from daemon.testguest import GuestBuildError, build_image, launch
-    from daemon.testguest import GuestSpec as TestGuestSpec
+    from daemon.testguest import GuestBuildError, QemuGuestSpec, build_image, launch
 
     try:
         image = build_image()
     except GuestBuildError as exc:
         pytest.fail(f"cannot build the test guest: {exc}", pytrace=False)
-    spec = TestGuestSpec(name="diffrun", ram_mib=RAM_MIB, memfd=True, qmp="server")
+    spec = QemuGuestSpec(name="diffrun", ram_bytes=RAM_MIB << 20, memfd=True, qmp="server")
     with launch(spec, image, tmp_path / "qemu") as guest:
         guest.wait_ready(180)
         assert guest.qmp_path is not None
@@ -68,7 +67,7 @@ def real_guest(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 async def sim_guest(tmp_path: Path) -> AsyncIterator[Path]:
     sock = tmp_path / "sim.qmp"
-    spec = GuestSpec(name="diffrun", ram_bytes=RAM_MIB << 20, socket=sock, workload="idle")
+    spec = SimGuestSpec(name="diffrun", ram_bytes=RAM_MIB << 20, socket=sock, workload="idle")
     guest = SimGuest(spec, default_guest_os())
     await guest.start()
     try:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from daemon.simguest.accuracy import ErrorSeries
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import GuestProcess
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +48,7 @@ def attached() -> Iterator[tuple[str, dict[str, GuestProcess]]]:
         server: subprocess.Popen[bytes] | None = None
         try:
             for i, workload in enumerate(WORKLOADS):
-                spec = GuestSpec(
+                spec = SimGuestSpec(
                     name=workload,
                     ram_bytes=256 * MiB,
                     socket=vms / f"{workload}.qmp",

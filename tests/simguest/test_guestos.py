@@ -11,7 +11,7 @@ from daemon.guest_stats import STATS
 from daemon.model.constants import PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT, REPORTED
 from daemon.simguest.balloon import STAT_NAMES
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.guestos import NO_REPORTING_ORDER, ModelGuestOS, block_pages
 from daemon.simguest.ram import PAGE_SIZE, GuestRAM
 from daemon.simguest.truth import components
@@ -27,7 +27,7 @@ def ram() -> Iterator[GuestRAM]:
 
 
 def boot(ram: GuestRAM, workload: str, **kw: object) -> ModelGuestOS:
-    spec = GuestSpec(name="g", ram_bytes=RAM, workload=workload, seed=3, **kw)  # type: ignore[arg-type]
+    spec = SimGuestSpec(name="g", ram_bytes=RAM, workload=workload, seed=3, **kw)  # type: ignore[arg-type]
     return ModelGuestOS(spec, ram)
 
 

@@ -16,7 +16,7 @@ import pytest
 from daemon.host.maps import MEMFD_NAME, parse_maps
 from daemon.host.peercred import peer_pid
 from daemon.simguest.cli import build_parser, fleet_specs, parse_size, run_spec
-from daemon.simguest.guest import GuestSpec
+from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import FleetProcess, GuestProcess, LaunchError, spec_argv
 
 MiB = 1 << 20
@@ -68,7 +68,7 @@ def memfd_mappings(pid: int) -> int:
 
 
 def test_a_guest_process_is_its_own_qemu(short_dir: Path) -> None:
-    spec = GuestSpec(name="p1", ram_bytes=64 * MiB, socket=short_dir / "p1.qmp", workload="idle")
+    spec = SimGuestSpec(name="p1", ram_bytes=64 * MiB, socket=short_dir / "p1.qmp", workload="idle")
     with GuestProcess.start(spec, log=short_dir / "p1.log") as guest:
         qmp = QMP(short_dir / "p1.qmp")
         assert peer_pid(qmp.sock) == guest.pid != os.getpid()
@@ -91,7 +91,7 @@ def test_a_guest_process_is_its_own_qemu(short_dir: Path) -> None:
 
 
 def test_a_guest_that_cannot_start_reports_why(short_dir: Path) -> None:
-    spec = GuestSpec(name="bad", ram_bytes=8 * MiB, socket=short_dir / "b.qmp", workload="nope")
+    spec = SimGuestSpec(name="bad", ram_bytes=8 * MiB, socket=short_dir / "b.qmp", workload="nope")
     with pytest.raises(LaunchError, match="unknown workload 'nope'"):
         GuestProcess.start(spec, log=short_dir / "bad.log", timeout=20)
 
@@ -125,7 +125,7 @@ def test_a_fleet_forks_one_process_per_guest_and_ends_them_all(short_dir: Path) 
 
 
 def test_command_line_round_trip() -> None:
-    spec = GuestSpec(
+    spec = SimGuestSpec(
         name="x",
         ram_bytes=64 * MiB,
         socket=Path("/run/x.qmp"),
@@ -135,6 +135,7 @@ def test_command_line_round_trip() -> None:
         seed=7,
         free_page_reporting=False,
         deflate_on_oom=True,
+        page_reporting_order=5,
         start_paused=True,
         time_scale=3.0,
         tick=0.2,

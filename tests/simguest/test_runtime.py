@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon.simguest.guest import GuestSpec, SimGuest
+from daemon.simguest.guest import SimGuest, SimGuestSpec
 from daemon.simguest.process import default_guest_os
 from daemon.simguest.truth import read_truth_async, truth_path
 
@@ -49,7 +49,7 @@ class Client:
 
 
 async def start(tmp_path: Path, **kw: Any) -> SimGuest:
-    spec = GuestSpec(name="rt", ram_bytes=128 * MiB, socket=tmp_path / "rt.qmp", **kw)
+    spec = SimGuestSpec(name="rt", ram_bytes=128 * MiB, socket=tmp_path / "rt.qmp", **kw)
     guest = SimGuest(spec, default_guest_os())
     await guest.start()
     return guest

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from daemon.simguest.guest import GuestSpec, SimGuest
+from daemon.simguest.guest import SimGuest, SimGuestSpec
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 async def guest(tmp_path: Path) -> AsyncIterator[SimGuest]:
-    g = SimGuest(GuestSpec(name="t", ram_bytes=8 * MiB, socket=tmp_path / "t.qmp"), None)
+    g = SimGuest(SimGuestSpec(name="t", ram_bytes=8 * MiB, socket=tmp_path / "t.qmp"), None)
     await g.start()
     try:
         yield g
@@ -90,7 +90,7 @@ async def test_quit_replies_then_the_guest_exits_and_removes_its_sockets(
 async def test_listening_replaces_a_stale_socket_file(tmp_path: Path) -> None:
     path = tmp_path / "stale.qmp"
     path.write_text("left behind by a crash")
-    g = SimGuest(GuestSpec(name="s", ram_bytes=4 * MiB, socket=path), None)
+    g = SimGuest(SimGuestSpec(name="s", ram_bytes=4 * MiB, socket=path), None)
     await g.start()
     try:
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -103,7 +103,7 @@ async def test_listening_replaces_a_stale_socket_file(tmp_path: Path) -> None:
 async def test_connect_out_retries_and_reconnects_like_qemu(tmp_path: Path) -> None:
     """QEMU ``-chardev socket,path=P,reconnect=N`` against a manager listening on P."""
     path = tmp_path / "manager.sock"
-    spec = GuestSpec(name="out", ram_bytes=4 * MiB, connect=path, reconnect=0.2)
+    spec = SimGuestSpec(name="out", ram_bytes=4 * MiB, connect=path, reconnect=0.2)
     g = SimGuest(spec, None)
     await g.start()  # nobody listens yet: the guest keeps trying
     connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]

@@ -16,7 +16,7 @@ import pytest
 from daemon.testguest import accel
 from daemon.testguest.build import GuestImage
 from daemon.testguest.errors import GuestExitedError, GuestLaunchError, GuestTimeoutError
-from daemon.testguest.launch import GuestPaths, GuestSpec, launch, qemu_argv
+from daemon.testguest.launch import GuestPaths, QemuGuestSpec, launch, qemu_argv
 
 IMAGE = GuestImage(
     directory=Path("/img"),
@@ -55,7 +55,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 
 
 def test_default_command_line() -> None:
-    spec = GuestSpec(name="vm1", uuid="6f1e7d3c-0000-4000-8000-000000000001")
+    spec = QemuGuestSpec(name="vm1", uuid="6f1e7d3c-0000-4000-8000-000000000001")
     argv = qemu_argv(spec, IMAGE, PATHS, accel.TCG)
     assert argv[0] == "qemu-system-x86_64"
     for flag in ("-nodefaults", "-no-reboot"):
@@ -82,7 +82,9 @@ def test_default_command_line() -> None:
 
 
 def test_memfd_backend_and_a_balloon_without_id() -> None:
-    spec = GuestSpec(ram_mib=1024, memfd=True, balloon_id=None, free_page_reporting=False)
+    spec = QemuGuestSpec(
+        ram_bytes=1024 << 20, memfd=True, balloon_id=None, free_page_reporting=False
+    )
     argv = qemu_argv(spec, IMAGE, PATHS, accel.TCG)
     assert option(argv, "-object") == ["memory-backend-memfd,id=ram0,size=1024M"]
     assert option(argv, "-machine") == ["memory-backend=ram0"]
@@ -91,12 +93,12 @@ def test_memfd_backend_and_a_balloon_without_id() -> None:
 
 
 def test_no_balloon_device() -> None:
-    argv = qemu_argv(GuestSpec(balloon=False), IMAGE, PATHS, accel.TCG)
+    argv = qemu_argv(QemuGuestSpec(balloon=False), IMAGE, PATHS, accel.TCG)
     assert not any("balloon" in d for d in option(argv, "-device"))
 
 
 def test_qmp_client_connects_to_a_listening_daemon() -> None:
-    spec = GuestSpec(qmp="client", qmp_path=Path("/run/reclaimd/listen.sock"))
+    spec = QemuGuestSpec(qmp="client", qmp_path=Path("/run/reclaimd/listen.sock"))
     paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, spec.qmp_path)
     argv = qemu_argv(spec, IMAGE, paths, accel.TCG)
     assert "socket,id=qmp0,path=/run/reclaimd/listen.sock,reconnect=5" in option(argv, "-chardev")
@@ -106,20 +108,20 @@ def test_qmp_client_connects_to_a_listening_daemon() -> None:
 
 def test_no_qmp() -> None:
     paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, None)
-    argv = qemu_argv(GuestSpec(qmp="none"), IMAGE, paths, accel.TCG)
+    argv = qemu_argv(QemuGuestSpec(qmp="none"), IMAGE, paths, accel.TCG)
     assert "-qmp" not in argv and "-mon" not in argv
 
 
 def test_commas_in_values_are_escaped() -> None:
     paths = GuestPaths(Path("/a,b/c.log"), PATHS.qemu_log, Path("/a,b/ctl"), Path("/a,b/q"))
-    argv = qemu_argv(GuestSpec(name="x,y"), IMAGE, paths, accel.TCG)
+    argv = qemu_argv(QemuGuestSpec(name="x,y"), IMAGE, paths, accel.TCG)
     assert option(argv, "-name") == ["guest=x,,y"]
     assert "file,id=con0,path=/a,,b/c.log" in option(argv, "-chardev")
     assert option(argv, "-qmp") == ["unix:/a,,b/q,server=on,wait=off"]
 
 
 def test_kernel_command_line_options_and_extra_args() -> None:
-    spec = GuestSpec(
+    spec = QemuGuestSpec(
         noballoon=True,
         page_reporting_order=10,
         workload="alloc:200,hold:5,free,sleep:5,repeat",
@@ -139,16 +141,17 @@ def test_kernel_command_line_options_and_extra_args() -> None:
         {"qmp": "client"},
         {"workload": "alloc:1, free"},
         {"workload": ""},
-        {"ram_mib": 32},
+        {"ram_bytes": 32 << 20},
+        {"ram_bytes": (512 << 20) + 4096},
     ],
 )
 def test_bad_specs_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        GuestSpec(**kwargs)  # type: ignore[arg-type]
+        QemuGuestSpec(**kwargs)  # type: ignore[arg-type]
 
 
 def test_each_spec_gets_its_own_uuid() -> None:
-    assert GuestSpec().uuid != GuestSpec().uuid
+    assert QemuGuestSpec().uuid != QemuGuestSpec().uuid
 
 
 def test_accel_defaults_to_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +191,7 @@ def fake_qemu(tmp_path: Path) -> str:
 
 
 def test_lifecycle_with_a_fake_qemu(fake_qemu: str) -> None:
-    guest = launch(GuestSpec(name="fake", qemu=fake_qemu), IMAGE)
+    guest = launch(QemuGuestSpec(name="fake", qemu=fake_qemu), IMAGE)
     with guest:
         run_dir = guest.console_log.parent
         assert guest.control_path.exists() and guest.qmp_path and guest.qmp_path.exists()
@@ -206,14 +209,14 @@ def test_lifecycle_with_a_fake_qemu(fake_qemu: str) -> None:
 
 
 def test_terminate_asks_first(fake_qemu: str, tmp_path: Path) -> None:
-    with launch(GuestSpec(qemu=fake_qemu), IMAGE, tmp_path / "run") as guest:
+    with launch(QemuGuestSpec(qemu=fake_qemu), IMAGE, tmp_path / "run") as guest:
         assert guest.terminate() == -signal.SIGTERM
     assert (tmp_path / "run" / "console.log").exists(), "a given run_dir is kept"
 
 
 def test_sockets_move_to_a_short_directory(fake_qemu: str, tmp_path: Path) -> None:
     run_dir = tmp_path / ("d" * 120)
-    with launch(GuestSpec(qemu=fake_qemu), IMAGE, run_dir) as guest:
+    with launch(QemuGuestSpec(qemu=fake_qemu), IMAGE, run_dir) as guest:
         assert guest.console_log.parent == run_dir
         sockets = guest.control_path.parent
         assert sockets != run_dir and len(str(guest.control_path)) < 108
@@ -225,12 +228,12 @@ def test_a_qemu_that_fails_at_start(tmp_path: Path) -> None:
     failing.write_text("#!/bin/sh\necho 'qemu: -device virtio-balloon-pci: bad' >&2\nexit 1\n")
     failing.chmod(0o755)
     with pytest.raises(GuestLaunchError, match=r"(?s)exited with 1 at start:.*bad"):
-        launch(GuestSpec(qemu=str(failing)), IMAGE, tmp_path / "run")
+        launch(QemuGuestSpec(qemu=str(failing)), IMAGE, tmp_path / "run")
 
 
 def test_missing_qemu() -> None:
     with pytest.raises(GuestLaunchError, match="not found"):
-        launch(GuestSpec(qemu="qemu-system-nonexistent"), IMAGE)
+        launch(QemuGuestSpec(qemu="qemu-system-nonexistent"), IMAGE)
 
 
 def test_qemu_dies_with_its_parent(fake_qemu: str, tmp_path: Path) -> None:
@@ -241,9 +244,10 @@ def test_qemu_dies_with_its_parent(fake_qemu: str, tmp_path: Path) -> None:
             import os
             from pathlib import Path
             from daemon.testguest.build import GuestImage
-            from daemon.testguest.launch import GuestSpec, launch
+            from daemon.testguest.launch import QemuGuestSpec, launch
             image = GuestImage(Path("/i"), Path("/i/k"), Path("/i/r"), "p", "v", "r", "k")
-            guest = launch(GuestSpec(qemu={fake_qemu!r}), image, Path({str(tmp_path / "run")!r}))
+            spec = QemuGuestSpec(qemu={fake_qemu!r})
+            guest = launch(spec, image, Path({str(tmp_path / "run")!r}))
             print(guest.pid, flush=True)
             os._exit(0)
         """)
