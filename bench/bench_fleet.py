@@ -13,6 +13,10 @@ stranded 10 %. Errors are reported for all samples and for steady samples only (
 by at most 1 % of RAM since the previous sample): the estimate's inputs are up to one stats
 interval old, so during a fast transient it trails the truth by design.
 
+``fleet --baseline REV`` runs the daemon of git revision REV (its ``daemon`` and ``api``
+packages, extracted to a temporary directory) against the same fleet as this tree's, in turns
+(``--rounds`` each), and prints both side by side: medians, with min and max over the rounds.
+
 Usage: python bench/bench_fleet.py [fleet|accuracy|all] [--count 500] [--ram 32M] ...
 Results go to bench/RESULTS-fleet.md (``--results``). The fleet run needs about 6 GiB of free
 RAM for 500 guests of 32 MiB.
@@ -28,6 +32,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,8 +45,8 @@ from typing import Any
 import httpx
 from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
+from daemon.model.cli import parse_size
 from daemon.simguest.accuracy import STEADY_FRACTION, ErrorSeries
-from daemon.simguest.cli import parse_size
 from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import FleetProcess, GuestProcess
 
@@ -113,12 +118,15 @@ def pct(values: list[float], q: float) -> float:
 class Daemon:
     """``reclaimd serve`` in a child process, attached through a socket glob."""
 
-    def __init__(self, workdir: Path, glob: str, log: Path) -> None:
+    def __init__(self, workdir: Path, glob: str, log: Path, tree: Path | None = None) -> None:
+        """``tree``: run the daemon of another revision (a directory with its packages)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         for key in [k for k in env if k.startswith("RECLAIMD_")]:
             del env[key]
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         env.update(
             RECLAIMD_SOCKET_GLOB=glob,
             RECLAIMD_JOURNAL=str(workdir / "journal.sqlite3"),
@@ -169,8 +177,8 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(workdir: Path, glob: str) -> Iterator[Daemon]:
-    d = Daemon(workdir, glob, workdir / f"reclaimd-{time.monotonic_ns()}.log")
+def daemon(workdir: Path, glob: str, tree: Path | None = None) -> Iterator[Daemon]:
+    d = Daemon(workdir, glob, workdir / f"reclaimd-{time.monotonic_ns()}.log", tree)
     try:
         yield d
     finally:
@@ -201,19 +209,24 @@ class FleetResult:
     sched_idle: bool = False
 
 
-def idle_daemon_rss(workdir: Path) -> int:
+def idle_daemon_rss(workdir: Path, tree: Path | None = None) -> int:
     empty = workdir / "empty"
-    empty.mkdir()
-    with daemon(workdir, str(empty / "*.qmp")) as d:
+    empty.mkdir(exist_ok=True)
+    with daemon(workdir, str(empty / "*.qmp"), tree) as d:
         d.wait_up(0, 60)
         time.sleep(5)
         return rss_bytes(d.pid)
 
 
-def run_fleet(args: argparse.Namespace, workdir: Path) -> FleetResult:
-    idle_rss = idle_daemon_rss(workdir)
+def run_fleet(
+    args: argparse.Namespace, workdir: Path, trees: dict[str, Path | None]
+) -> dict[str, list[FleetResult]]:
+    """One fleet; each daemon of ``trees`` (label -> packages, None: this tree) measured
+    against it ``args.rounds`` times, in turns."""
+    idle_rss = {label: idle_daemon_rss(workdir, tree) for label, tree in trees.items()}
     vms = workdir / "vms"
     started = time.monotonic()
+    results: dict[str, list[FleetResult]] = {label: [] for label in trees}
     with FleetProcess.start(
         count=args.count,
         directory=vms,
@@ -225,22 +238,40 @@ def run_fleet(args: argparse.Namespace, workdir: Path) -> FleetResult:
     ) as fleet:
         fleet_start = time.monotonic() - started
         print(f"fleet of {args.count} up in {fleet_start:.1f} s", file=sys.stderr)
-        with daemon(workdir, str(vms / "*.qmp")) as d:
-            attach = d.wait_up(args.count, 600)
-            print(f"all attached in {attach:.1f} s; warming up", file=sys.stderr)
-            time.sleep(args.warmup)
-            result = FleetResult(
-                args.count,
-                args.ram,
-                FLEET_WORKLOADS,
-                fleet_start,
-                attach,
-                args.duration,
-                sched_idle=args.sched_idle,
-            )
-            measure(d, fleet, args, result)
-            result.daemon_rss_idle = idle_rss
-    return result
+        for round_ in range(args.rounds):
+            for label, tree in trees.items():
+                with daemon(workdir, str(vms / "*.qmp"), tree) as d:
+                    attach = d.wait_up(args.count, 600)
+                    print(
+                        f"round {round_ + 1}, {label}: all attached in {attach:.1f} s; warming up",
+                        file=sys.stderr,
+                    )
+                    time.sleep(args.warmup)
+                    result = FleetResult(
+                        args.count,
+                        args.ram,
+                        FLEET_WORKLOADS,
+                        fleet_start,
+                        attach,
+                        args.duration,
+                        sched_idle=args.sched_idle,
+                    )
+                    measure(d, fleet, args, result)
+                    result.daemon_rss_idle = idle_rss[label]
+                    results[label].append(result)
+    return results
+
+
+def extract_revision(rev: str, dest: Path) -> Path:
+    """The ``daemon`` and ``api`` packages of git revision ``rev``, under ``dest``."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent.parent), "archive", rev, "daemon", "api"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def measure(d: Daemon, fleet: FleetProcess, args: argparse.Namespace, r: FleetResult) -> None:
@@ -338,6 +369,46 @@ def fleet_markdown(r: FleetResult) -> str:
             f"- The simulated fleet itself: {r.fleet_cpu * 100:.1f} % of one core, "
             f"{r.fleet_pss / MiB:.0f} MiB PSS in all ({r.fleet_pss / r.count / MiB:.1f} MiB per "
             "guest, guest RAM included)",
+        ]
+    )
+
+
+def headline(r: FleetResult) -> dict[str, float]:
+    """The figures compared between daemons."""
+    rest = [x for k, v in r.latencies.items() if k != "metrics" for x in v]
+    return {
+        "REST p99 ms (all requests)": pct(rest, 0.99) * 1000,
+        "VM list p99 ms": pct(r.latencies["vm list"], 0.99) * 1000,
+        "VM detail max ms": max(r.latencies["vm detail"]) * 1000,
+        "/metrics max ms": max(r.latencies["metrics"]) * 1000,
+        "daemon CPU, % of one core": r.daemon_cpu * 100,
+        "daemon CPU per VM per poll, ms": r.daemon_cpu / r.count * 2.0 * 1000,
+        "memory per VM, KiB": (r.daemon_rss - r.daemon_rss_idle) / r.count / 1024,
+        "host view age p50 s": pct(r.scan_ages, 0.5) if r.scan_ages else float("nan"),
+        "host view age p99 s": pct(r.scan_ages, 0.99) if r.scan_ages else float("nan"),
+        "host view age max s": max(r.scan_ages) if r.scan_ages else float("nan"),
+    }
+
+
+def comparison_markdown(results: dict[str, list[FleetResult]], labels: dict[str, str]) -> str:
+    """Medians (min - max) over the rounds, one column per daemon."""
+    figures = {label: [headline(r) for r in runs] for label, runs in results.items()}
+    names = list(next(iter(figures.values()))[0])
+    head = "| figure | " + " | ".join(labels[label] for label in figures) + " |"
+    lines = [head, "|---|" + "---:|" * len(figures)]
+    for name in names:
+        cells = []
+        for runs in figures.values():
+            values = sorted(run[name] for run in runs)
+            med = statistics.median(values)
+            cells.append(f"{med:.1f} ({values[0]:.1f} - {values[-1]:.1f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rounds = len(next(iter(results.values())))
+    return "\n".join(
+        [
+            f"The daemons in turn against one fleet, {rounds} round(s) each: median (min - max).",
+            "",
+            *lines,
         ]
     )
 
@@ -454,6 +525,8 @@ def main() -> int:
     parser.add_argument("--accuracy-ram", type=parse_size, default=256 * MiB)
     parser.add_argument("--accuracy-duration", type=float, default=120.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
+    parser.add_argument("--rounds", type=int, default=1, help="fleet runs per daemon, in turns")
     args = parser.parse_args()
 
     sections = []
@@ -466,7 +539,16 @@ def main() -> int:
                 + accuracy_markdown(acc, args.accuracy_ram, args.accuracy_duration)
             )
         if args.what in ("fleet", "all"):
-            sections.append("## Fleet scale\n\n" + fleet_markdown(run_fleet(args, workdir)))
+            trees: dict[str, Path | None] = {"this tree": None}
+            labels = {"this tree": "this tree"}
+            if args.baseline:
+                trees["baseline"] = extract_revision(args.baseline, workdir / "baseline")
+                labels["baseline"] = f"baseline {args.baseline}"
+            results = run_fleet(args, workdir, trees)
+            text = fleet_markdown(results["this tree"][-1])
+            if len(trees) > 1 or args.rounds > 1:
+                text += "\n\n" + comparison_markdown(results, labels)
+            sections.append("## Fleet scale\n\n" + text)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
