@@ -45,12 +45,13 @@ Running a guest (``daemon.simguest``, benchmarks, ``reclaimd simulate``)::
 * ``sim.host`` (``Host``): what the hypervisor backs; ``sim.alloc`` (``BuddyAllocator``): the
   allocator itself, with ``free_pages_by_order()``.
 
-The reclaim estimate (``daemon.ledger``) uses the pure functions of ``estimate``:
-``free_pages_by_order(alloc)``, ``split_free(by_order, order) -> FreeSplit(reportable_pages,
-stranded_pages)``, ``reportable_by_order(by_order)``, ``extra_reportable(by_order, current,
-other)``, ``upstream_passes(pending_blocks, nr_free)``, ``upstream_report_time(pending_blocks,
-nr_free, capacity=32, delay=2.0)``, ``replay_ranges(total_pages, ranges)`` and
-``fit_free(alloc, free_pages, reporting_order, profile=None)``.
+The reclaim estimate (``daemon.ledger``) reconciles with the allocator at the level of free
+pages per order (a *split*), with the pure functions of ``estimate``: ``allocate(split, pages,
+order)`` and ``release(split, pages, profile)`` move a split as the buddy allocator moves its free
+lists, ``merge_profile(before, after)`` says where freed pages merged to, ``split_free``,
+``reportable_by_order`` and ``extra_reportable`` what reporting at an order makes reportable,
+and ``upstream_passes``, ``upstream_report_time`` and ``reported_by_upstream`` how long
+upstream reporting takes (capacity 32, per-list budget, 2 s delay).
 
 Modules: ``constants`` (kernel constants), ``clock`` (simulated time), ``zones`` (layout and
 watermarks), ``buddy`` (the allocator), ``engines`` (reporting designs), ``host`` (discards and
@@ -77,13 +78,14 @@ from .constants import (
 )
 from .engines import ENGINES, CostCounters, Engine, make_engine
 from .estimate import (
-    FreeFit,
     FreeSplit,
+    Split,
+    allocate,
     extra_reportable,
-    fit_free,
-    free_pages_by_order,
-    replay_ranges,
+    merge_profile,
+    release,
     reportable_by_order,
+    reported_by_upstream,
     split_free,
     upstream_passes,
     upstream_report_time,
@@ -138,25 +140,26 @@ __all__ = [
     "BuddyAllocator",
     "CostCounters",
     "Engine",
-    "FreeFit",
     "FreeSplit",
     "Host",
     "MemInfo",
     "SimClock",
     "SimConfig",
     "SimLog",
+    "Split",
     "Simulation",
     "TraceWorkload",
+    "allocate",
     "block_states",
     "extra_reportable",
-    "fit_free",
-    "free_pages_by_order",
     "make_engine",
+    "merge_profile",
     "make_workload",
     "pageblock_order",
     "parse_trace",
-    "replay_ranges",
+    "release",
     "reportable_by_order",
+    "reported_by_upstream",
     "split_free",
     "upstream_passes",
     "upstream_report_time",

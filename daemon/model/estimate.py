@@ -1,38 +1,31 @@
-"""Pure what-if functions for the reclaim estimate (no simulation clock needed).
+"""The allocator at the level of free pages per order: what the reclaim estimate reconciles with.
 
-* ``free_pages_by_order``: how a model's free memory splits across orders.
-* ``split_free``: reportable (free in blocks >= the reporting order) versus stranded.
-* ``reportable_by_order``: what each possible ``page_reporting_order`` would make reportable.
-* ``upstream_passes`` / ``upstream_report_time``: how long upstream takes to report N pending
-  blocks of a list, given capacity, budget and the 2 s delay.
-* ``replay_ranges`` / ``fit_free``: rebuild a guest of a given size from the reported ranges the
-  host observed, then place the rest of the guest's free memory below the reporting order.
+A guest's free memory, as the estimate keeps it, is a *split*: free pages per order, index =
+order (``/proc/buddyinfo`` summed over zones, in pages). These pure functions move a split the
+way the buddy allocator moves its free lists, and say what free page reporting makes of it. They
+are the page-level allocator (``buddy``) reduced to eleven counters, so that a daemon can keep
+one per VM for hundreds of VMs; ``tests/model/test_estimate.py`` holds them against it.
+
+* ``allocate(split, pages, order)``: allocations of ``2**order`` pages, served as
+  ``__rmqueue_smallest`` serves them: from the smallest order that has a block, splitting a
+  larger block and leaving its unused halves (``expand``) on the lower orders.
+* ``release(split, pages, profile)``: frees, landing on the orders where freed memory ends up
+  after merging with its buddies; ``profile`` is that distribution (``merge_profile``).
+* ``reportable_by_order`` / ``extra_reportable`` / ``split_free``: what reporting at an order
+  makes reportable.
+* ``upstream_passes`` / ``upstream_report_time``: how long mm/page_reporting.c takes to report
+  pending blocks (capacity, per-list budget, the 2 s delay).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
+from .constants import NR_PAGE_ORDERS, PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY
 
-from .buddy import BuddyAllocator
-from .constants import (
-    MIGRATE_MOVABLE,
-    NR_PAGE_ORDERS,
-    PAGE_REPORTING_CAPACITY,
-    PAGE_REPORTING_DELAY,
-    PG_BUDDY,
-)
-
-PagesByOrder = Sequence[int] | npt.NDArray[np.int64]
-
-
-def free_pages_by_order(alloc: BuddyAllocator) -> npt.NDArray[np.int64]:
-    """Free pages on the buddy lists per order (index = order), all zones and types."""
-    return alloc.free_pages_by_order()
+Split = Sequence[int]  # free pages per order, index = order
 
 
 @dataclass(frozen=True)
@@ -41,21 +34,97 @@ class FreeSplit:
     stranded_pages: int  # free in smaller blocks: only a balloon gets these back
 
 
-def split_free(by_order: PagesByOrder, reporting_order: int) -> FreeSplit:
+def split_free(by_order: Split, reporting_order: int) -> FreeSplit:
     pages = [int(x) for x in by_order]
     return FreeSplit(sum(pages[reporting_order:]), sum(pages[:reporting_order]))
 
 
-def reportable_by_order(by_order: PagesByOrder) -> list[int]:
+def reportable_by_order(by_order: Split) -> list[int]:
     """Entry ``o``: pages that would be reportable with ``page_reporting_order = o``."""
     pages = [int(x) for x in by_order]
     return [sum(pages[o:]) for o in range(len(pages))]
 
 
-def extra_reportable(by_order: PagesByOrder, current: int, other: int) -> int:
+def extra_reportable(by_order: Split, current: int, other: int) -> int:
     """Pages that reporting at order ``other`` would return beyond order ``current``."""
     cumulative = reportable_by_order(by_order)
     return cumulative[other] - cumulative[current]
+
+
+def _blocks_of(pages: int, below: int) -> list[int]:
+    """``pages`` (fewer than ``2**below``) as the blocks a split leaves: one per set bit."""
+    return [pages & (1 << o) for o in range(below)]
+
+
+def allocate(split: Split, pages: int, order: int = 0) -> list[int]:
+    """The split after allocating ``pages`` pages in blocks of ``2**order``.
+
+    ``__rmqueue_smallest`` takes the first block on the smallest order at or above the request
+    and returns the halves it does not need to the orders below (``expand``); the next requests
+    take those halves first. So allocations eat the split from its small end: whole orders, then
+    part of one block of the next order, whose rest stays behind as one block per set bit. Free
+    memory below ``order`` cannot serve the request and is left alone. Allocating more than is
+    free takes everything that can serve.
+    """
+    out = [int(x) for x in split]
+    need = -(-max(pages, 0) >> order) << order  # whole blocks of the requested order
+    for o in range(order, len(out)):
+        if need <= 0:
+            break
+        if need >= out[o]:
+            need -= out[o]
+            out[o] = 0
+            continue
+        block = 1 << o
+        whole, rest = divmod(need, block)
+        out[o] -= whole * block
+        if rest:
+            out[o] -= block  # one more block is split; what it does not give stays behind
+            for lower, left in enumerate(_blocks_of(block - rest, o)):
+                out[lower] += left
+        need = 0
+    return out
+
+
+def release(split: Split, pages: int, profile: Sequence[float]) -> list[int]:
+    """The split after freeing ``pages`` pages that end up on the orders by ``profile``.
+
+    ``profile`` gives, per order, the fraction of freed pages that is on that order once it has
+    merged with its free buddies (it sums to 1). Pages a fraction leaves over go to order 0, so
+    the split grows by exactly ``pages``.
+    """
+    out = [int(x) for x in split]
+    if pages <= 0:
+        return out
+    total = sum(profile)
+    placed = 0
+    for o, share in enumerate(profile):
+        add = int(pages * share / total) >> o << o if total > 0 else 0
+        out[o] += add
+        placed += add
+    out[0] += pages - placed
+    return out
+
+
+def merge_profile(before: Split, after: Split) -> list[float] | None:
+    """Where the pages freed between two splits went, per order; None when nothing was freed.
+
+    Orders that lost pages (allocations, or merges into a larger order) count as zero.
+    """
+    gained = [max(0, int(a) - int(b)) for b, a in zip(before, after, strict=True)]
+    total = sum(gained)
+    return [g / total for g in gained] if total else None
+
+
+def reported_by_upstream(
+    pending_blocks: int, nr_free: int, seconds: float, capacity: int = PAGE_REPORTING_CAPACITY
+) -> int:
+    """Blocks of one list upstream reports within ``seconds`` of the notification."""
+    if seconds < PAGE_REPORTING_DELAY or pending_blocks <= 0:
+        return 0
+    passes = int(seconds // PAGE_REPORTING_DELAY)
+    budget = math.ceil(nr_free / (capacity * 16))
+    return min(pending_blocks, passes * (budget + 1) * capacity)
 
 
 def upstream_passes(
@@ -88,112 +157,16 @@ def upstream_report_time(
     return upstream_passes(pending_blocks, nr_free, capacity) * delay
 
 
-def replay_ranges(
-    total_pages: int, ranges: Iterable[tuple[int, int]], *, single_zone: bool = False
-) -> BuddyAllocator:
-    """A model of ``total_pages`` where exactly the given (pfn, order) ranges are free.
-
-    Everything else is allocated in pageblock-order blocks, cut down around the ranges; the
-    free ranges are then freed (and merge where they touch, as they would in the guest).
-    """
-    alloc = BuddyAllocator(total_pages, ncpus=1, single_zone=single_zone)
-    free_mask = np.zeros(total_pages, dtype=bool)
-    wanted: list[tuple[int, int]] = []
-    for pfn, order in ranges:
-        if pfn & ((1 << order) - 1) or pfn + (1 << order) > total_pages:
-            raise ValueError(f"range {pfn}/{order} is not an aligned block of the guest")
-        free_mask[pfn : pfn + (1 << order)] = True
-        wanted.append((pfn, order))
-    _allocate_complement(alloc, free_mask)
-    return alloc
-
-
-def _allocate_complement(alloc: BuddyAllocator, keep_free: npt.NDArray[np.bool_]) -> None:
-    """Allocate every free page outside ``keep_free`` with the fewest aligned blocks."""
-    for pfn in alloc.heads(PG_BUDDY).tolist():
-        order = alloc._od[pfn]
-        _allocate_block_except(alloc, pfn, order, keep_free)
-
-
-def _allocate_block_except(
-    alloc: BuddyAllocator, pfn: int, order: int, keep_free: npt.NDArray[np.bool_]
-) -> None:
-    span = keep_free[pfn : pfn + (1 << order)]
-    if not span.any():
-        alloc.alloc_at(pfn, order)
-        return
-    if span.all() or order == 0:
-        return
-    half = 1 << (order - 1)
-    _allocate_block_except(alloc, pfn, order - 1, keep_free)
-    _allocate_block_except(alloc, pfn + half, order - 1, keep_free)
-
-
-@dataclass(frozen=True)
-class FreeFit:
-    by_order: list[int]  # fitted free pages per order
-    reported_pages: int  # observed: free and reported
-    placed_pages: int  # free pages placed below the reporting order
-    unplaced_pages: int  # free pages that did not fit (observation inconsistent or too small)
-
-
-def fit_free(
-    alloc: BuddyAllocator,
-    free_pages: int,
-    reporting_order: int,
-    profile: Sequence[float] | None = None,
-    seed: int = 0,
-) -> FreeFit:
-    """Place the guest's free pages that reporting has not explained, below the reporting order.
-
-    ``alloc`` comes from ``replay_ranges``: its free blocks are the observed reported ranges.
-    The remaining ``free_pages - reported`` are freed as blocks of orders below the reporting
-    order, drawn with weights ``profile`` (default: equal pages per order), from allocated
-    memory chosen at random. The result is the fitted split across orders.
-    """
-    reported = int(alloc.free_pages_by_order().sum())
-    remaining = max(free_pages - reported, 0)
-    weights = np.array(profile if profile is not None else [1.0] * reporting_order, dtype=float)
-    weights = weights[:reporting_order] / weights[:reporting_order].sum()
-    rng = np.random.default_rng(seed)
-    target = [int(remaining * w) for w in weights]
-    placed = 0
-    pool = np.flatnonzero(alloc.flags_arr == 0x04).tolist()  # allocated, not reserved
-    rng.shuffle(pool)
-    for order in range(reporting_order - 1, -1, -1):
-        need = target[order] >> order
-        while need > 0 and pool:
-            head = pool.pop()
-            big = alloc._od[head]
-            if big < order:
-                continue
-            # Free one block of the wanted order out of this allocation; the rest stays used
-            # as separate blocks, which go back to the pool.
-            alloc.free_pages(head, big)
-            alloc.drain_all_pages()
-            subs = list(range(head + (1 << order), head + (1 << big), 1 << order))
-            for sub in subs:
-                alloc.alloc_at(sub, order)
-            pool.extend(subs)
-            if len(pool) > 1:
-                j = int(rng.integers(len(pool)))
-                pool[j], pool[-1] = pool[-1], pool[j]
-            placed += 1 << order
-            need -= 1
-    by_order = [int(x) for x in alloc.free_pages_by_order()]
-    return FreeFit(by_order, reported, placed, max(remaining - placed, 0))
-
-
 __all__ = [
-    "MIGRATE_MOVABLE",
     "NR_PAGE_ORDERS",
-    "FreeFit",
     "FreeSplit",
+    "Split",
+    "allocate",
     "extra_reportable",
-    "fit_free",
-    "free_pages_by_order",
-    "replay_ranges",
+    "merge_profile",
+    "release",
     "reportable_by_order",
+    "reported_by_upstream",
     "split_free",
     "upstream_passes",
     "upstream_report_time",
