@@ -21,7 +21,9 @@ from api.version import VERSION
 from daemon.fleet import Fleet, VMState
 from daemon.guest_stats import STATS
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
+from daemon.model import MAX_PAGE_ORDER
 
+_ORDERS = tuple(str(order) for order in range(MAX_PAGE_ORDER + 1))
 RECLAIM_COMPONENTS = (
     "ballooned",
     "reported",
@@ -149,6 +151,11 @@ class _HostFamilies:
             "qemu_free_page_reporting_effective",
             "1 when reported pages are really discarded, 0 when negotiated but ineffective",
         )
+        self.free_by_order = Family(
+            "qemu_guest_free_by_order_bytes",
+            "Guest free memory in blocks of each order (/proc/buddyinfo; from the guest agent "
+            "or modelled); sums to the guest's free memory",
+        )
 
     def add(self, vm: VMState, labels: str) -> None:
         host = vm.host
@@ -161,6 +168,10 @@ class _HostFamilies:
             if host.reporting_effective is not None:
                 self.effective.add(labels, host.reporting_effective)
         if vm.estimate is not None:
+            for row in vm.estimate.by_order:
+                self.free_by_order.add(
+                    render_labels({"vm": vm.name, "order": _ORDERS[row.order]}), row.free_bytes
+                )
             components = vm.estimate.components
             for component in RECLAIM_COMPONENTS:
                 entry = components.get(component)
@@ -177,6 +188,7 @@ class _HostFamilies:
             self.refaulted_total,
             self.reclaimable,
             self.effective,
+            self.free_by_order,
         )
 
 

@@ -7,7 +7,7 @@ A value that is unknown is ``null``, and where it matters a ``*_problem`` field 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
@@ -115,6 +115,73 @@ class VMSummary(BaseModel):
         )
 
 
+class ComponentOut(BaseModel):
+    bytes: int | None
+    source: Literal["observed", "agent", "modelled"] = Field(
+        description="observed (QMP, host view), agent (the guest's own free lists) or "
+        "modelled (the free split replayed into the allocator model)"
+    )
+    age_seconds: float | None = Field(description="age of the oldest input")
+    reason: str | None = Field(description="why bytes is null, or a caveat")
+    residual_bytes: int | None = Field(
+        default=None, description="modelled or agent: how far the split was off at its last check"
+    )
+
+
+class OrderRowOut(BaseModel):
+    order: int
+    free_bytes: int = Field(description="free memory in blocks of exactly this order")
+    returned_bytes: int = Field(
+        description="free resident memory that reporting at this order would return"
+    )
+
+
+class InputsOut(BaseModel):
+    stats_at: float | None = Field(description="guest stats' last-update")
+    host_at: float | None = Field(description="the host scan combined with them")
+    agent_at: float | None = Field(description="the guest agent's read of its free lists")
+    skew_seconds: float | None = Field(description="how far apart stats and scan are")
+
+
+class WhatIfOut(BaseModel):
+    order: int
+    reporting_order: int
+    extra_reportable_bytes: int | None = Field(
+        description="what reporting at this order would return beyond the guest's own order"
+    )
+    pending_report_seconds: float | None
+    source: Literal["observed", "agent", "modelled"]
+    reason: str | None
+
+
+class EstimateOut(BaseModel):
+    """The reclaim estimate of one VM (see the README's table of components)."""
+
+    at: float
+    ram_bytes: int | None
+    margin_bytes: int
+    reporting_enabled: bool | None
+    reporting_effective: bool | None
+    reporting_note: str | None = Field(description="the evidence behind the verdict")
+    components: dict[str, ComponentOut]
+    verdict: Literal["effective", "slow", "stalled", "ineffective", "off", "unknown"]
+    reporting_order: int | None = Field(description="the guest's page_reporting_order")
+    pending_report_seconds: float | None = Field(
+        description="until upstream reporting has returned what is reportable now (predicted)"
+    )
+    by_order: list[OrderRowOut] = Field(description="the free split, order 0..10")
+    inputs: InputsOut
+
+
+class EstimatePage(BaseModel):
+    vm: str
+    estimate: EstimateOut | None
+    problem: str | None = Field(description="why there is no estimate yet")
+    what_if: WhatIfOut | None = Field(
+        default=None, description="with ?order=N: reporting at another page_reporting_order"
+    )
+
+
 class VMDetail(VMSummary):
     address: str
     state_since: float
@@ -136,7 +203,7 @@ class VMDetail(VMSummary):
     host: dict[str, Any] | None = Field(
         default=None, description="host view of guest RAM (residency), when available"
     )
-    estimate: dict[str, Any] | None = Field(
+    estimate: EstimateOut | None = Field(
         default=None, description="the reclaim estimate, when available"
     )
 
@@ -170,7 +237,7 @@ class VMDetail(VMSummary):
             last_event=vm.last_event,
             events_dropped=vm.events_dropped,
             host=vm.host.as_dict() if vm.host else None,
-            estimate=vm.estimate.as_dict() if vm.estimate else None,
+            estimate=EstimateOut(**vm.estimate.as_dict()) if vm.estimate else None,
         )
 
 

@@ -191,7 +191,7 @@ def _mib(value: Any) -> str:
 
 def _estimate(detail: dict[str, Any], name: str) -> Any:
     estimate = detail.get("estimate") or {}
-    value = (estimate.get("components") or estimate).get(name)
+    value = (estimate.get("components") or {}).get(name)
     return value.get("bytes") if isinstance(value, dict) else value
 
 

@@ -32,14 +32,17 @@ from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from daemon.fleet import VMState
+from daemon.guest_stats import GuestStats
 from daemon.host.cadence import ScanCadence
 from daemon.host.mtree import GuestPhysMap
 from daemon.host.unavailable import Unavailable
 from daemon.host.view import GuestRamScan, HostView
 from daemon.instruments import RESIDENCY_SCAN_SECONDS
-from daemon.ledger.estimate import SETTLE_SECONDS, Inputs, estimate, settled
-from daemon.ledger.ranges import Ledger
+from daemon.ledger.estimate import estimate
+from daemon.ledger.ranges import Ledger, LedgerSummary
+from daemon.ledger.reconcile import FreeState, Moment, Reconciler
 from daemon.ledger.status import HostStatus
+from daemon.model import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,10 @@ class VMCycle:
         self.ledger = Ledger()
         self.cadence = ScanCadence(budget=budget(), interval=interval, idle_interval=4 * interval)
         self.problem: Unavailable | None = None
-        self.steady_stranded: int | None = None
+        self.reconciler = Reconciler()
+        self.free: FreeState | None = None
+        self._moment_key: tuple[Any, ...] | None = None
+        self._touched = 0  # the ledger's refaults and first touches, as last replayed
         self._key: tuple[Any, ...] | None = None
         self._next_scan = 0.0
         self._cpu_seconds = 0.0  # of the last scan
@@ -142,9 +148,6 @@ class VMCycle:
         return result
 
     def _observe(self, scan: GuestRamScan | None) -> None:
-        stats = self.vm.guest_stats
-        if stats is not None and stats.valid and stats.free_bytes is not None:
-            self.ledger.note_guest_free(stats.free_bytes, stats.last_update or time.time())
         if scan is None:
             return
         obs = self.ledger.observe(scan, self.vm.balloon.actual_bytes)
@@ -155,9 +158,14 @@ class VMCycle:
 
     def _publish(self) -> None:
         vm, now = self.vm, time.time()
-        ledger = self.ledger
-        summary = ledger.summary() if ledger.scans else None
-        inputs = Inputs(
+        latest = self.ledger.summary() if self.ledger.scans else None
+        stats = vm.guest_stats if vm.guest_stats is not None and vm.guest_stats.valid else None
+        # Guest stats are up to a poll old: combine them with the scan of their moment.
+        aligned = latest
+        if latest is not None and stats is not None and stats.last_update is not None:
+            aligned = self.ledger.summary_near(stats.last_update + 0.5)  # whole-second stamps
+        self._reconcile(stats, aligned)
+        result = estimate(
             now=now,
             ram_bytes=vm.memory.ram_bytes,
             balloon_actual=vm.balloon.actual_bytes if vm.balloon.present else None,
@@ -165,24 +173,45 @@ class VMCycle:
             reporting_enabled=vm.balloon.free_page_reporting,
             stats=vm.guest_stats,
             stats_problem=vm.guest_stats_error,
-            ledger=summary,
+            ledger=aligned,
             host_problem=str(self.problem) if self.problem else None,
-            facts=ledger.reporting_facts(now) if summary else None,
-            recent=ledger.reporting_facts(now, window=SETTLE_SECONDS) if summary else None,
-            steady_stranded=self.steady_stranded,
+            free=self.free,
         )
-        result = estimate(inputs)
-        if settled(inputs) and result.components["stranded"].bytes is not None:
-            self.steady_stranded = result.components["stranded"].bytes
         vm.estimate = result
         vm.host = HostStatus(
-            available=summary is not None and self.problem is None,
+            available=latest is not None and self.problem is None,
             problem=self.problem.reason.value if self.problem else None,
             problem_detail=self.problem.detail if self.problem else None,
             reporting_effective=result.reporting_effective,
             scan_interval_seconds=self.cadence.cost and self.cadence.cost / self.cadence.budget,
-            ledger=summary,
+            ledger=latest,
         )
+
+    def _reconcile(self, stats: GuestStats | None, aligned: LedgerSummary | None) -> None:
+        """Move the free split to the stats' moment, once per new moment."""
+        if stats is None or stats.free_bytes is None or stats.last_update is None:
+            return
+        if aligned is None or aligned.at is None:
+            return
+        key = (stats.last_update, aligned.at)
+        if key == self._moment_key:
+            return
+        self._moment_key = key
+        free = stats.free_bytes // PAGE_SIZE
+        touched = aligned.refaulted_bytes_total + aligned.first_touch_bytes_total
+        allocated, self._touched = max(0, touched - self._touched) // PAGE_SIZE, touched
+        moment = Moment(
+            at=stats.last_update,
+            free_pages=free,
+            host_at=aligned.at,
+            absent_free_pages=min(
+                free, (aligned.reported_bytes + aligned.unattributed_bytes) // PAGE_SIZE
+            ),
+            discarded_pages=aligned.discarded_bytes_total // PAGE_SIZE,
+            allocated_pages=allocated,
+            reporting=self.vm.balloon.free_page_reporting is True,
+        )
+        self.free = self.reconciler.observe(moment)
 
     def _ensure_view(self) -> HostView:
         """The VM's host view, made again when the QEMU process or the RAM layout changed."""
@@ -203,7 +232,8 @@ class VMCycle:
             if pid_changed:  # another QEMU process: what the old one discarded says nothing now
                 self.ledger = Ledger(gpa_map=_gpa_map(mem.mtree_text))
                 vm.ranges = self.ledger.history
-                self.steady_stranded = None
+                self.reconciler, self.free = Reconciler(), None
+                self._moment_key, self._touched = None, 0
             self._key = key
             self._next_scan = 0.0
         return self.view

@@ -3,6 +3,7 @@ cycle over a real QMP connection reads, scans, observes and publishes."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -152,9 +153,13 @@ async def test_a_cycle_polls_scans_reads_the_balloon_after_the_scan_and_publishe
         assert vm.host.ledger.backed_bytes == RAM
         assert vm.estimate is not None and vm.estimate.components["reported"].bytes == 0
 
-        # Free page reporting returns an aligned 2 MiB block.
+        # Free page reporting returns an aligned 2 MiB block; the guest's next stats push says
+        # its free memory rose. (The estimate combines the stats with the scan nearest to
+        # them, and QEMU stamps them in whole seconds: a second apart, the moments are clear.)
+        await asyncio.sleep(1.2)
         qemu_like.dontneed("ram", [(2048, 2560)])
         server.vm.free += 2 * MiB
+        server.vm.stats_time = int(time.time())
         cycle._next_scan = 0.0  # due now, whatever the cadence says
         await cycle(monitor)
         assert [(r.block, r.offset, r.order) for r in vm.ranges.query()] == [

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.deps import VMDep
-from api.schemas import Problem, RangePage, ReportedRangeOut
+from api.schemas import EstimateOut, EstimatePage, Problem, RangePage, ReportedRangeOut, WhatIfOut
 from daemon.model import MAX_PAGE_ORDER
 
 router = APIRouter(prefix="/api/v1/vms", tags=["host"])
@@ -35,18 +35,24 @@ async def reported_ranges(
     )
 
 
-@router.get("/{name}/estimate", responses=NOT_FOUND)
+@router.get("/{name}/estimate", response_model=EstimatePage, responses=NOT_FOUND)
 async def get_estimate(
     vm: VMDep,
     order: Annotated[
         int | None,
         Query(ge=0, le=MAX_PAGE_ORDER, description="what-if: another page_reporting_order"),
     ] = None,
-) -> dict[str, Any]:
-    """The reclaim estimate, component by component, with sources and input ages."""
+) -> EstimatePage:
+    """The reclaim estimate, component by component, with sources, input times, the free split
+    by order and what reporting at every order would return."""
     if vm.estimate is None:
-        return {"vm": vm.name, "components": None, "problem": "no estimate yet"}
-    body: dict[str, Any] = {"vm": vm.name, **vm.estimate.as_dict()}
+        return EstimatePage(vm=vm.name, estimate=None, problem="no estimate yet")
+    what_if = None
     if order is not None:
-        body["what_if"] = asdict(vm.estimate.what_if(order))
-    return body
+        what_if = WhatIfOut(**asdict(vm.estimate.what_if(order)))
+    return EstimatePage(
+        vm=vm.name,
+        estimate=EstimateOut(**vm.estimate.as_dict()),
+        problem=None,
+        what_if=what_if,
+    )

@@ -4,10 +4,9 @@ Public API::
 
     ledger = Ledger(history=10_000, min_order=9, max_order=10, gpa_map=None)
     obs = ledger.observe(scan, balloon_actual)   # scan: daemon.host.view.GuestRamScan
-    ledger.note_guest_free(free_bytes, at)       # from guest stats, for the facts below
-    ledger.summary()                             # LedgerSummary: counters and current bytes
+    ledger.summary()                             # LedgerSummary after the last scan
+    ledger.summary_near(at)                      # ... after the scan nearest to ``at``
     ledger.history.query(since=None, limit=None) # bounded history of ReportedRange, oldest first
-    ledger.reporting_facts(now, window=60.0)     # ReportingFacts: is reporting doing anything?
 
 ``balloon_actual`` is the balloon's ``actual`` in bytes read after the scan (``query-balloon`` or
 the latest ``BALLOON_CHANGE``), None without a balloon. Its fall since the previous scan is the
@@ -27,7 +26,6 @@ refaulted), ``discarded_bytes_total`` the part of those the host held until then
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from daemon.host.view import BlockScan, GuestRamScan
 from daemon.ledger.diff import DEFAULT_MIN_ORDER, Changes, diff_blocks
 from daemon.model.constants import MAX_PAGE_ORDER, PAGE_SIZE
 
-FACTS_HORIZON = 3600.0  # seconds of per-scan totals kept for reporting_facts()
+SUMMARIES_KEPT = 8
 
 
 @dataclass(frozen=True)
@@ -106,23 +104,6 @@ class LedgerSummary:
     last_reported_at: float | None
 
 
-@dataclass(frozen=True)
-class ReportingFacts:
-    """Facts for "free page reporting is negotiated but ineffective"; the estimate decides.
-
-    Reporting that works discards memory the guest frees. If the guest's free memory rose by
-    much within the window while nothing was discarded, reports were acknowledged without effect
-    (VFIO, page poisoning) or reporting is not running.
-    """
-
-    window_seconds: float
-    scans: int  # scans observed in the window
-    guest_free_rise_bytes: int | None  # largest rise of guest free memory in the window
-    reported_bytes: int  # newly reported in the window
-    discarded_bytes: int  # of which the host backed before
-    last_reported_at: float | None
-
-
 class RangeHistory:
     """The newest reported ranges of one VM, oldest first, and how many there were in all."""
 
@@ -167,10 +148,11 @@ class Ledger:
         self.max_order = max_order
         self.gpa_map = gpa_map
         self.history = RangeHistory(history)
+        # The summaries after the last few scans, so inputs of another time (guest stats are a
+        # poll old) can be matched with the scan of that moment.
+        self._summaries: deque[LedgerSummary] = deque(maxlen=SUMMARIES_KEPT)
         self._blocks: dict[str, _BlockState] = {}
         self._balloon_actual: int | None = None
-        self._per_scan: deque[tuple[float, int, int]] = deque()  # (at, reported, discarded)
-        self._guest_free: deque[tuple[float, int]] = deque()
         self.at: float | None = None
         self.scans = 0
         self.last_reported_at: float | None = None
@@ -226,8 +208,7 @@ class Ledger:
         self.first_touch_bytes_total += first
         self.at = at
         self.scans += 1
-        self._per_scan.append((at, reported, discarded))
-        _trim(self._per_scan, at - FACTS_HORIZON)
+        self._summaries.append(self._summarize())
         return Observation(
             at=at,
             ranges=tuple(ranges),
@@ -276,12 +257,17 @@ class Ledger:
             out.append(ReportedRange(at, name, offset, length, order, gpa, held * PAGE_SIZE))
         return out
 
-    def note_guest_free(self, free_bytes: int, at: float) -> None:
-        """Record the guest's free memory (``stat-free-memory``) at ``at`` (epoch seconds)."""
-        self._guest_free.append((at, free_bytes))
-        _trim(self._guest_free, at - FACTS_HORIZON)
-
     def summary(self) -> LedgerSummary:
+        """Counters and current bytes after the last scan."""
+        return self._summaries[-1] if self._summaries else self._summarize()
+
+    def summary_near(self, at: float) -> LedgerSummary:
+        """The summary after the scan nearest to ``at`` (of the last few)."""
+        if not self._summaries:
+            return self._summarize()
+        return min(self._summaries, key=lambda s: abs((s.at or 0.0) - at))
+
+    def _summarize(self) -> LedgerSummary:
         npages = backed = resident = reported = ballooned = unexplained = 0
         for s in self._blocks.values():
             npages += s.npages
@@ -310,27 +296,3 @@ class Ledger:
             ranges_total=self.history.total,
             last_reported_at=self.last_reported_at,
         )
-
-    def reporting_facts(self, now: float, window: float = 60.0) -> ReportingFacts:
-        start = now - window
-        scans = [(r, d) for at, r, d in self._per_scan if start <= at <= now]
-        free = [f for at, f in self._guest_free if start <= at <= now]
-        rise: int | None = None
-        if free:
-            low, rise = math.inf, 0
-            for f in free:
-                low = min(low, f)
-                rise = max(rise, int(f - low))
-        return ReportingFacts(
-            window_seconds=window,
-            scans=len(scans),
-            guest_free_rise_bytes=rise,
-            reported_bytes=sum(r for r, _ in scans),
-            discarded_bytes=sum(d for _, d in scans),
-            last_reported_at=self.last_reported_at,
-        )
-
-
-def _trim(samples: deque[tuple[float, int]] | deque[tuple[float, int, int]], before: float) -> None:
-    while samples and samples[0][0] < before:
-        samples.popleft()

@@ -78,10 +78,12 @@ def allocate(split: Split, pages: int, order: int = 0) -> list[int]:
         block = 1 << o
         whole, rest = divmod(need, block)
         out[o] -= whole * block
-        if rest:
+        if rest and out[o] >= block:
             out[o] -= block  # one more block is split; what it does not give stays behind
             for lower, left in enumerate(_blocks_of(block - rest, o)):
                 out[lower] += left
+        else:  # a split kept in pages, not whole blocks: take just what is needed
+            out[o] -= rest
         need = 0
     return out
 

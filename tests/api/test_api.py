@@ -245,7 +245,7 @@ async def test_estimate_and_ranges_say_why_without_a_host_view(
     # A QEMU without x-query-ramblock (before 6.2): the host cannot locate guest RAM.
     await attach(daemon, await fake_qmp(behaviour=Behaviour(lacks=frozenset({"x-query-ramblock"}))))
     await eventually(lambda: daemon.fleet.get("vm1").estimate is not None)  # type: ignore[union-attr]
-    estimate = (await client.get("/api/v1/vms/vm1/estimate")).json()
+    estimate = (await client.get("/api/v1/vms/vm1/estimate")).json()["estimate"]
     components = estimate["components"]
     assert components["ballooned"]["bytes"] == 0
     assert components["reported"]["bytes"] is None

@@ -12,7 +12,7 @@ from pathlib import Path
 from api.metrics import fleet_exposition
 from daemon.fleet import Fleet, SessionState
 from daemon.guest_stats import GuestStats
-from daemon.ledger.estimate import Component, Estimate
+from daemon.ledger.estimate import Component, Estimate, OrderRow
 from daemon.ledger.ranges import LedgerSummary
 from daemon.ledger.status import HostStatus
 
@@ -91,6 +91,11 @@ def known_fleet() -> Fleet:
             **{name: Component(value, "observed", 1.0) for name, value in observed.items()},
             "reclaimable": Component(None, "modelled", None, "guest stats are stale"),
         },
+        # 700 MiB free: 64 blocks of each order, and what is left over at order 0.
+        by_order=tuple(
+            OrderRow(o, ((64 << o) + (700 * 256 - 64 * 2047 if o == 0 else 0)) * 4096, 0)
+            for o in range(11)
+        ),
     )
     down = fleet.add("db1", "unix:/run/qemu/db1.qmp", "poll")
     down.set_session_state(SessionState.DISCONNECTED, "connection closed by peer")

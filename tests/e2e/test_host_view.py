@@ -44,7 +44,7 @@ def host(rd: ReclaimdProcess, name: str) -> dict[str, Any]:
 
 
 def component(rd: ReclaimdProcess, name: str, key: str) -> int | None:
-    estimate = rd.get(f"/api/v1/vms/{name}/estimate")
+    estimate = rd.get(f"/api/v1/vms/{name}/estimate")["estimate"] or {}
     value = (estimate.get("components") or {}).get(key) or {}
     return value.get("bytes")
 
@@ -131,8 +131,9 @@ def test_reporting_off_keeps_freed_memory_resident(
     assert free_resident_after is not None
     assert free_resident_after - free_resident_before >= 150 * MiB
     assert component(rd, "off", "reportable") == 0
-    estimate = rd.get("/api/v1/vms/off/estimate")
+    estimate = rd.get("/api/v1/vms/off/estimate")["estimate"]
     assert estimate["components"]["stranded"]["reason"].startswith("free page reporting is off")
+    assert estimate["verdict"] == "off"
 
     # A balloon inflation of 200 MiB over resident free memory is ballooned, not reported.
     # (Where free memory was already reported, inflating gains the host nothing new.)
@@ -171,7 +172,7 @@ def test_no_permission_is_a_clear_reason(
     )
     assert vm["host"]["problem"] == "no_permission"
     assert "permission" in vm["host"]["problem_detail"]
-    estimate = rd.get("/api/v1/vms/np/estimate")
+    estimate = rd.get("/api/v1/vms/np/estimate")["estimate"]
     assert estimate["components"]["reported"]["bytes"] is None
     assert "permission" in estimate["components"]["reported"]["reason"]
     assert rd.get("/api/v1/vms/np")["guest_stats"]["free_bytes"]  # QMP data still served
@@ -190,10 +191,13 @@ def test_ineffective_reporting_is_detected(
     settle(rd, "pp", time.time())
     guest.send("free")
     estimate = rd.wait_for(
-        lambda: (e := rd.get("/api/v1/vms/pp/estimate"))["reporting_effective"] is False and e,
+        lambda: (e := rd.get("/api/v1/vms/pp/estimate")["estimate"])["verdict"] == "ineffective"
+        and e,
         30,
         "reporting to be found ineffective",
     )
-    assert "discarded nothing" in estimate["reporting_note"]
+    assert estimate["reporting_effective"] is False
+    assert "the host saw 0 MiB discarded" in estimate["reporting_note"]
+    assert "without effect" in estimate["reporting_note"]
     assert host(rd, "pp")["reported_bytes"] < 8 * MiB
     assert rd.metric("qemu_free_page_reporting_effective", vm="pp") == 0

@@ -1,15 +1,19 @@
-"""The reclaim estimate: sources, reasons for missing inputs, and no double counting."""
+"""The reclaim estimate: sources, reasons for missing inputs, no double counting, what-if."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.guest_stats import GuestStats
-from daemon.ledger.estimate import SETTLE_SECONDS, Inputs, estimate
-from daemon.ledger.ranges import LedgerSummary, ReportingFacts
+from daemon.ledger.estimate import Estimate, estimate
+from daemon.ledger.ranges import LedgerSummary
+from daemon.ledger.reconcile import FreeState
 
 MiB = 1 << 20
+PAGE = 4096
 RAM = 1024 * MiB
 NOW = 1_000_000.0
 
@@ -37,13 +41,40 @@ def summary(reported: int = 0, unattributed: int = 0, discarded_total: int = 0) 
     )
 
 
-def facts(
-    rise: int = 0, discarded: int = 0, last: float | None = None, window: float = 60
-) -> ReportingFacts:
-    return ReportingFacts(window, 20, rise, discarded, discarded, last)
+def split_of(small: int, big: int, order: int = 9) -> tuple[int, ...]:
+    """Free pages per order: ``small`` bytes spread evenly below ``order``, ``big`` at 10."""
+    pages = [0] * 11
+    for o in range(order):
+        pages[o] = small // PAGE // order
+    pages[0] += small // PAGE - sum(pages)
+    pages[10] = big // PAGE
+    return tuple(pages)
 
 
-def inputs(**kw: object) -> Inputs:
+def free_state(
+    small: int = 200 * MiB,
+    big: int = 300 * MiB,
+    pending: int = 0,
+    verdict: str = "effective",
+    source: str = "modelled",
+) -> FreeState:
+    return FreeState(
+        at=NOW - 1,
+        source=source,  # type: ignore[arg-type]
+        by_order_pages=split_of(small, big),
+        reporting_order=9,
+        residual_pages=1024,
+        residual_at=NOW - 30,
+        agent_skew_seconds=None,
+        pending_pages=pending // PAGE,
+        pending_since=NOW - 2 if pending else None,
+        report_due_at=NOW + 2 if pending else None,
+        verdict=verdict,  # type: ignore[arg-type]
+        evidence="predicted 300 MiB reported 2 s after the guest freed it; the host saw 300 MiB",
+    )
+
+
+def estimated(**kw: object) -> Estimate:
     base: dict[str, object] = dict(
         now=NOW,
         ram_bytes=RAM,
@@ -59,81 +90,102 @@ def inputs(**kw: object) -> Inputs:
         stats_problem=None,
         ledger=summary(reported=300 * MiB, discarded_total=300 * MiB),
         host_problem=None,
-        facts=facts(discarded=0),
-        recent=facts(window=SETTLE_SECONDS),
-        steady_stranded=None,
+        free=free_state(),
     )
     base.update(kw)
-    return Inputs(**base)  # type: ignore[arg-type]
+    return estimate(**base)  # type: ignore[arg-type]
 
 
 def test_observed_components() -> None:
-    e = estimate(inputs(balloon_actual=RAM - 100 * MiB))
-    c = e.components
-    assert c["ballooned"].bytes == 100 * MiB and c["ballooned"].source == "observed"
-    assert c["reported"].bytes == 300 * MiB
-    assert c["free_resident"].bytes == 200 * MiB  # 500 free, 300 of it reported
-    assert c["cache"].bytes == 200 * MiB
-    assert e.reporting_effective is True
+    e = estimated()
+    c = {k: v.bytes for k, v in e.components.items()}
+    assert c["ballooned"] == 0 and c["reported"] == 300 * MiB
+    assert c["free_resident"] == 200 * MiB and c["cache"] == 200 * MiB
+    assert c["reportable"] == 0 and c["stranded"] == 200 * MiB
+    assert c["reclaimable"] == 400 * MiB - e.margin_bytes
+    assert e.components["stranded"].source == "modelled"
+    assert e.components["stranded"].residual_bytes == 1024 * PAGE
+    assert e.verdict == "effective" and e.reporting_effective is True
+    assert e.inputs.stats_at == NOW - 1 and e.inputs.skew_seconds == 0
 
 
-def test_settled_reporting_leaves_the_rest_stranded() -> None:
-    c = estimate(inputs()).components
-    assert c["reportable"].bytes == 0 and c["stranded"].bytes == 200 * MiB
-    assert c["stranded"].source == "steady-state"
-    margin = estimate(inputs()).margin_bytes
-    assert c["reclaimable"].bytes == 200 * MiB + 200 * MiB - margin
+def test_pending_memory_is_reportable_until_reporting_returns_it() -> None:
+    e = estimated(
+        ledger=summary(reported=100 * MiB),
+        free=free_state(big=300 * MiB, pending=200 * MiB),
+    )
+    assert e.components["free_resident"].bytes == 400 * MiB
+    assert e.components["reportable"].bytes == 200 * MiB
+    assert e.components["stranded"].bytes == 200 * MiB
+    assert e.pending_report_seconds == 2.0
 
 
-def test_recent_free_makes_pending_memory_reportable() -> None:
-    busy = facts(rise=200 * MiB, last=NOW - 1, window=SETTLE_SECONDS)
-    c = estimate(inputs(recent=busy, steady_stranded=50 * MiB)).components
-    assert c["stranded"].bytes == 50 * MiB and c["reportable"].bytes == 150 * MiB
-    assert c["reportable"].source == "modelled"
-    unknown = estimate(inputs(recent=busy)).components
-    assert unknown["reportable"].bytes is None and "settled" in (unknown["reportable"].reason or "")
+def test_the_agent_is_named_as_the_source() -> None:
+    e = estimated(free=free_state(source="agent"))
+    assert e.components["reportable"].source == "agent"
+    assert e.components["stranded"].source == "agent"
 
 
-def test_reporting_off_strands_everything() -> None:
-    c = estimate(inputs(reporting_enabled=False, ledger=summary())).components
-    assert c["reportable"].bytes == 0
-    assert c["stranded"].bytes == 500 * MiB
-    assert (c["stranded"].reason or "").startswith("free page reporting is off")
+def test_reporting_off_or_ineffective_strands_everything() -> None:
+    for e in (
+        estimated(reporting_enabled=False),
+        estimated(free=free_state(verdict="ineffective")),
+    ):
+        assert e.components["reportable"].bytes == 0
+        assert e.components["stranded"].bytes == 200 * MiB
+        assert e.components["stranded"].source == "observed"
+    assert estimated(reporting_enabled=False).verdict == "off"
+    assert estimated(free=free_state(verdict="ineffective")).reporting_effective is False
 
 
-def test_ineffective_reporting_is_detected() -> None:
-    e = estimate(inputs(ledger=summary(), facts=facts(rise=200 * MiB)))
-    assert e.reporting_effective is False
-    assert "VFIO" in (e.reporting_note or "")
-    assert e.components["reportable"].bytes == 0
+def test_reported_never_exceeds_free_memory_of_the_same_moment() -> None:
+    # The guest allocated between the scan and the stats: 300 MiB reported, 200 MiB free.
+    stats = GuestStats(last_update=NOW - 1, free_bytes=200 * MiB, available_bytes=250 * MiB)
+    e = estimated(stats=stats)
+    assert e.components["reported"].bytes == 200 * MiB
+    assert "capped" in (e.components["reported"].reason or "")
+    assert e.components["free_resident"].bytes == 0
 
 
 def test_missing_inputs_are_null_with_reasons() -> None:
-    e = estimate(
-        inputs(
-            stats=None,
-            stats_problem="guest has not reported statistics yet",
-            ledger=None,
-            host_problem="no_permission: permission denied",
-            balloon_actual=None,
-            balloon_problem="no virtio-balloon device",
-        )
+    e = estimated(
+        stats=None,
+        stats_problem="guest has not reported statistics yet",
+        ledger=None,
+        host_problem="no_permission: permission denied",
+        balloon_actual=None,
+        balloon_problem="no virtio-balloon device",
+        free=None,
     )
     for name, comp in e.components.items():
         assert comp.bytes is None, name
         assert comp.reason, name
     assert "permission" in (e.components["reported"].reason or "")
     assert "statistics" in (e.components["cache"].reason or "")
+    assert e.by_order == () and e.what_if(5).extra_reportable_bytes is None
 
 
 def test_rejected_stats_are_not_used() -> None:
     bad = GuestStats(last_update=NOW, valid=False, problems=("free > total",))
-    e = estimate(inputs(stats=bad, stats_problem="rejected: free > total"))
+    e = estimated(stats=bad, stats_problem="rejected: free > total")
     assert e.components["free_resident"].bytes is None
     assert "rejected" in (e.components["free_resident"].reason or "")
 
 
+def test_what_if_every_order_from_the_split() -> None:
+    e = estimated()  # 200 MiB spread over orders 0..8, 300 MiB at 10 (all reported)
+    rows = {r.order: r for r in e.by_order}
+    assert [r.order for r in e.by_order] == list(range(11))
+    assert rows[9].returned_bytes == rows[10].returned_bytes == 0  # reported already
+    assert rows[0].returned_bytes == 200 * MiB  # at order 0, all free memory is reportable
+    assert abs(rows[5].returned_bytes - 200 * MiB * 4 / 9) < 8 * PAGE
+    lower = e.what_if(5)
+    assert lower.extra_reportable_bytes == rows[5].returned_bytes
+    assert e.what_if(9).extra_reportable_bytes == 0
+
+
 sizes = st.integers(min_value=0, max_value=4 * RAM)
+split_pages = st.lists(st.integers(min_value=0, max_value=RAM // PAGE), min_size=11, max_size=11)
 
 
 @given(
@@ -142,56 +194,43 @@ sizes = st.integers(min_value=0, max_value=4 * RAM)
     available=sizes,
     reported=sizes,
     unattributed=sizes,
-    steady=st.none() | sizes,
-    rise=sizes,
+    pages=split_pages,
+    pending=sizes,
     enabled=st.none() | st.booleans(),
+    verdict=st.sampled_from(["effective", "slow", "stalled", "ineffective", "unknown"]),
 )
-def test_components_never_double_count(
+def test_components_never_double_count_and_what_if_stays_within_free_resident(
     actual: int,
     free: int,
     available: int,
     reported: int,
     unattributed: int,
-    steady: int | None,
-    rise: int,
+    pages: list[int],
+    pending: int,
     enabled: bool | None,
+    verdict: str,
 ) -> None:
     reported = min(reported, RAM)
     unattributed = min(unattributed, RAM - reported)
     stats = GuestStats(last_update=NOW, free_bytes=free, available_bytes=available)
-    e = estimate(
-        inputs(
-            balloon_actual=actual,
-            stats=stats,
-            reporting_enabled=enabled,
-            ledger=summary(reported, unattributed),
-            steady_stranded=steady,
-            recent=facts(rise=rise, window=SETTLE_SECONDS),
-        )
+    state = replace(free_state(pending=pending, verdict=verdict), by_order_pages=tuple(pages))
+    e = estimated(
+        balloon_actual=actual,
+        stats=stats,
+        reporting_enabled=enabled,
+        ledger=summary(reported, unattributed),
+        free=state,
     )
     c = {k: v.bytes for k, v in e.components.items()}
     parts = [c[k] or 0 for k in ("ballooned", "reported", "free_resident", "cache")]
     assert all(p >= 0 for p in parts)
     assert sum(parts) <= RAM
+    assert (c["reported"] or 0) <= free
     if c["reportable"] is not None and c["stranded"] is not None:
+        assert c["reportable"] >= 0 and c["stranded"] >= 0
         assert c["reportable"] + c["stranded"] == c["free_resident"]
     if c["reclaimable"] is not None:
         assert 0 <= c["reclaimable"] <= (c["free_resident"] or 0) + (c["cache"] or 0)
-
-
-def test_what_if_another_order() -> None:
-    from daemon.ledger.estimate import what_if
-
-    e = estimate(inputs())  # settled: 200 MiB stranded, 300 MiB reported, nothing pending
-    same = what_if(e, 9)
-    assert same.extra_reportable_bytes == 0 and same.pending_report_seconds == 0
-    lower = what_if(e, 5)
-    # Stranded memory is spread over orders 0..8 evenly; orders 5..8 hold 4/9 of it.
-    assert lower.extra_reportable_bytes is not None
-    assert abs(lower.extra_reportable_bytes - 200 * MiB * 4 / 9) < 64 * 1024
-    assert lower.source == "modelled" and lower.assumption
-    busy = facts(rise=200 * MiB, last=NOW - 1, window=SETTLE_SECONDS)
-    pending = what_if(estimate(inputs(recent=busy, steady_stranded=0)), 9)
-    # 200 MiB pending in 2 MiB blocks with 250 free: one pass (budget 1 -> 64 blocks a pass)
-    # is not enough: 100 blocks need two passes of the 2 s worker.
-    assert pending.pending_report_seconds == 4.0
+    returned = [r.returned_bytes for r in e.by_order]
+    assert returned == sorted(returned, reverse=True)  # monotone in the order
+    assert all(0 <= r <= (c["free_resident"] or 0) for r in returned)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.host.mtree import FlatRange, GuestPhysMap
-from daemon.ledger.ranges import Ledger, LedgerSummary, ReportedRange
+from daemon.ledger.ranges import SUMMARIES_KEPT, Ledger, LedgerSummary, ReportedRange
 from tests.ledger.synthetic import scan
 
 MiB = 1 << 20
@@ -162,21 +162,21 @@ def test_several_blocks() -> None:
     assert ledger.summary().covered_bytes == 2 * N * 4096
 
 
-def test_reporting_facts() -> None:
+def test_summaries_of_recent_scans_match_inputs_of_their_moment() -> None:
     ledger = Ledger()
     pages = np.ones(N, dtype=bool)
     ledger.observe(scan(100.0, ram=pages))
-    for t, free in ((100.0, 500 * MiB), (110.0, 300 * MiB), (120.0, 700 * MiB), (130.0, 650 * MiB)):
-        ledger.note_guest_free(free, t)
-    facts = ledger.reporting_facts(now=130.0, window=60.0)
-    assert facts.guest_free_rise_bytes == 400 * MiB
-    assert facts.reported_bytes == 0 and facts.discarded_bytes == 0 and facts.scans == 1
     freed = pages.copy()
     freed[:1024] = False
-    ledger.observe(scan(131.0, ram=freed))
-    facts = ledger.reporting_facts(now=131.0, window=60.0)
-    assert facts.reported_bytes == 4 * MiB and facts.last_reported_at == 131.0
-    assert ledger.reporting_facts(now=1000.0, window=60.0).guest_free_rise_bytes is None
+    ledger.observe(scan(101.0, ram=freed))
+    ledger.observe(scan(102.0, ram=freed))
+    assert ledger.summary().at == 102.0 and ledger.summary().reported_bytes == 4 * MiB
+    assert ledger.summary_near(100.2).at == 100.0
+    assert ledger.summary_near(100.2).reported_bytes == 0  # before the block was reported
+    assert ledger.summary_near(100.8).at == 101.0
+    for t in range(103, 103 + SUMMARIES_KEPT):
+        ledger.observe(scan(float(t), ram=freed))
+    assert ledger.summary_near(0.0).at == 103.0  # only the last few are kept
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,0 +1,431 @@
+"""Reconciliation: the split of a guest's free memory by order, kept per VM while memory moves.
+
+Which part of the guest's free memory free page reporting will return (``reportable``) and which
+only a balloon gets back (``stranded``) depends on the order of the free blocks it sits in, and
+the host cannot see that. A ``Reconciler`` keeps the guest's free memory as a *split* (free
+pages per order, the guest's ``/proc/buddyinfo`` summed over zones) and moves it with what it
+observes, in time order:
+
+- a read of the guest's own free lists (through its agent) replaces it: ``source = "agent"``;
+  the difference from what the split had become is the fit's residual;
+- between such reads, and without an agent, the guest's free memory over time (guest stats)
+  and what the host saw the guest allocate (refaults, first touches) are replayed into the
+  allocator at the level of orders (``daemon.model.allocate`` / ``release``):
+  ``source = "modelled"``. Where freed memory merges to (``profile``) is learnt from the agent
+  when there is one, and else from what reporting returned: upstream reports every free block
+  at or above the reporting order within a few passes, so once a prediction's time has passed
+  the reportable part is known to be what the host saw discarded, and the split is corrected
+  to that (the residual says by how much it was off).
+
+It also predicts what upstream reporting returns and when (2 s delay, capacity 32, a budget per
+pass, at the guest's reporting order), holds the prediction against what the host then saw
+discarded and turns the difference into the verdict on reporting: ``effective``, ``slow``,
+``stalled`` or ``ineffective``, with the evidence.
+
+Everything here takes plain values and returns plain values: times are epoch seconds, sizes
+pages. The caller aligns the inputs in time (``Moment``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from daemon.model import (
+    MAX_PAGE_ORDER,
+    PAGE_REPORTING_DELAY,
+    PAGE_SIZE,
+    allocate,
+    pageblock_order,
+    release,
+    reported_by_upstream,
+    upstream_report_time,
+)
+
+NR_ORDERS = MAX_PAGE_ORDER + 1
+MiB_PAGES = (1 << 20) // PAGE_SIZE
+Source = Literal["agent", "modelled"]
+Verdict = Literal["effective", "slow", "stalled", "ineffective", "off", "unknown"]
+
+PRIOR_REPORTABLE = 0.5  # share of freed memory that merges to the reporting order, untaught
+PREDICT_MIN_PAGES = 8 * MiB_PAGES  # smaller frees are not worth a prediction
+EFFECTIVE_SHARE = 0.8  # of the prediction, seen discarded in time
+GRACE_SECONDS = 1.5  # after the predicted time: a scan or two, and whole-second stamps
+INEFFECTIVE_PAGES = 64 * MiB_PAGES  # predicted and never discarded: reports have no effect
+LEARN_RATE = 0.5  # weight of a new observation of where freed memory merges to
+
+
+@dataclass(frozen=True)
+class Moment:
+    """The inputs of one moment, aligned by the caller.
+
+    ``at`` is the guest stats' time (QEMU's ``last-update``); the host figures come from the
+    scan nearest to it (``host_at``). ``absent_free_pages``: free guest memory the host no longer
+    backs (reported, or never backed), at most ``free_pages``. ``discarded_pages``: the ledger's
+    counter of reported memory the host held until it discarded it, only growing.
+    ``allocated_pages``: what the host saw the guest touch since the previous moment
+    (refaults and first touches), a lower bound of its allocations.
+    """
+
+    at: float
+    free_pages: int
+    host_at: float | None = None
+    absent_free_pages: int = 0
+    discarded_pages: int = 0
+    allocated_pages: int = 0
+    reporting: bool = True  # free page reporting is negotiated on the device
+
+
+@dataclass(frozen=True)
+class AgentSplit:
+    """The guest's own free lists (``/proc/buddyinfo`` through its agent), as plain values."""
+
+    at: float
+    by_order_pages: tuple[int, ...]
+    reporting_order: int | None  # None: not read; MAX_PAGE_ORDER + 1: no reporting device
+
+
+@dataclass(frozen=True)
+class FreeState:
+    """What the reconciliation knows of the guest's free memory at ``at`` (published)."""
+
+    at: float
+    source: Source
+    by_order_pages: tuple[int, ...]  # sums to the guest's free memory at ``at``
+    reporting_order: int  # MAX_PAGE_ORDER + 1 when nothing is reportable
+    residual_pages: int | None  # how far the split was off at its last check
+    residual_at: float | None
+    agent_skew_seconds: float | None  # agent read minus stats time, when the agent was used
+    pending_pages: int  # free at or above the reporting order and still backed by the host
+    pending_since: float | None  # when that memory was freed (upstream's notification)
+    report_due_at: float | None  # when upstream will have reported it, predicted
+    verdict: Verdict
+    evidence: str | None
+
+    @property
+    def reportable_order_pages(self) -> int:
+        return sum(self.by_order_pages[self.reporting_order :])
+
+
+@dataclass
+class _Prediction:
+    made_at: float
+    freed_at: float
+    pages: int  # expected to be discarded
+    due_at: float
+    discarded_at_start: int
+
+
+@dataclass
+class Reconciler:
+    """The reconciliation state of one VM (see the module docstring): about a hundred bytes of
+    numbers, whatever the guest's size."""
+
+    reporting_order: int = pageblock_order
+    split: list[int] | None = None
+    at: float | None = None
+    source: Source = "modelled"
+    residual_pages: int | None = None
+    residual_at: float | None = None
+    agent_skew: float | None = None
+    reportable_share: float = PRIOR_REPORTABLE
+    alloc_order: int = 0
+    verdict: Verdict = "unknown"
+    evidence: str | None = None
+    ever_discarded: bool = False
+    _prediction: _Prediction | None = field(default=None, repr=False)
+    _freed_since_fit: int = 0
+    _discarded_at_fit: int = 0
+    _last_agent_at: float | None = None
+    _pending_since: float | None = None
+
+    # -- observing ------------------------------------------------------------------------------
+
+    def observe(self, moment: Moment, agent: AgentSplit | None = None) -> FreeState:
+        """Move the split to ``moment`` (and to the agent's read, when it is new) and judge."""
+        if moment.discarded_pages > 0:
+            self.ever_discarded = True
+        previous = list(self.split) if self.split is not None else None
+        previous_free = sum(previous) if previous is not None else None
+        previous_at = self.at
+        if self.split is None or self.at is None or moment.at > self.at:
+            self._replay(moment)
+        if agent is not None and agent.at != self._last_agent_at:
+            self._from_agent(agent, moment, previous)
+        if moment.reporting and self.reporting_order <= MAX_PAGE_ORDER:
+            self._predict(moment, previous_at, previous_free)
+            self._judge(moment)
+        else:
+            self._prediction = None
+            self.verdict, self.evidence = "off", "free page reporting is not negotiated"
+        return self._state(moment)
+
+    def _from_agent(self, agent: AgentSplit, moment: Moment, previous: list[int] | None) -> None:
+        """The guest's own split replaces the replayed one; how far that was off at or above
+        the reporting order is the residual, and where the freed memory went is learnt."""
+        split = _scaled(agent.by_order_pages, moment.free_pages)
+        if previous is not None and self.split is not None:
+            order = self.reporting_order
+            self.residual_pages = abs(sum(self.split[order:]) - sum(split[order:]))
+            self.residual_at = moment.at
+            self._learn_from(previous, split)
+        if agent.reporting_order is not None:
+            self.reporting_order = agent.reporting_order
+        self.split, self.at, self.source = split, moment.at, "agent"
+        self.agent_skew = agent.at - moment.at
+        self._last_agent_at = agent.at
+
+    def _replay(self, moment: Moment) -> None:
+        """Replay what changed since the last moment into the split."""
+        free = moment.free_pages
+        if self.split is None:
+            # Nothing known yet: assume reporting has caught up, as it has within half a minute
+            # of the guest's last free. What the host no longer backs is in big blocks (reporting
+            # returned it, or the guest never touched it); the rest is below the reporting
+            # order. The first prediction that comes due corrects it.
+            big = min(free, moment.absent_free_pages)
+            small = [0.0] * NR_ORDERS
+            for o in range(min(self.reporting_order, NR_ORDERS)):
+                small[o] = 1.0
+            self.split = release([0] * NR_ORDERS, big, _big_profile(self.reporting_order))
+            self.split = release(self.split, free - big, small if any(small) else [1.0])
+            self.at, self.source = moment.at, "modelled"
+            return
+        change = free - sum(self.split)
+        allocated = max(moment.allocated_pages, -change, 0)
+        freed = allocated + change
+        split = allocate(self.split, allocated, self.alloc_order) if allocated else self.split
+        if freed > 0:
+            split = release(split, freed, self._profile())
+            self._freed_since_fit += freed
+        # Allocation could not be served from orders at or above alloc_order: whatever is left
+        # below it must go too, so the split never claims more than the guest has free.
+        split = _scaled(split, free)
+        # Host-absent free memory is in blocks at least as large as what reported them.
+        split = _hold_at_least(split, moment.absent_free_pages, self.reporting_order)
+        if self.source == "agent" and (change or allocated):
+            self.source = "modelled"  # moved on from the agent's read
+        self.split, self.at = split, moment.at
+
+    def _profile(self) -> list[float]:
+        """Where freed memory merges to: ``reportable_share`` of it at or above the reporting
+        order (mostly the largest), the rest spread over the smaller orders by page count."""
+        order = min(self.reporting_order, NR_ORDERS)
+        profile = [0.0] * NR_ORDERS
+        if order < NR_ORDERS:
+            big = _big_profile(order)
+            for o in range(order, NR_ORDERS):
+                profile[o] = self.reportable_share * big[o]
+        small = 1.0 - (self.reportable_share if order < NR_ORDERS else 0.0)
+        for o in range(order):
+            profile[o] = small / order
+        return profile
+
+    def _learn_from(self, predicted: Sequence[int], observed: Sequence[int]) -> None:
+        """Learn where freed memory merges to from an agent read of the split it predicted."""
+        order = min(self.reporting_order, NR_ORDERS)
+        gained = [max(0, o - p) for p, o in zip(predicted, observed, strict=True)]
+        lost = [max(0, p - o) for p, o in zip(predicted, observed, strict=True)]
+        if sum(gained) >= PREDICT_MIN_PAGES:
+            share = sum(gained[order:]) / sum(gained)
+            self.reportable_share += LEARN_RATE * (share - self.reportable_share)
+        lost_small, lost_big = sum(lost[:order]), sum(lost[order:])
+        if lost_big > 2 * lost_small and lost_big >= PREDICT_MIN_PAGES:
+            self.alloc_order = pageblock_order  # the guest allocates huge pages
+        elif lost_small > 2 * lost_big and lost_small >= PREDICT_MIN_PAGES:
+            self.alloc_order = 0
+
+    # -- predicting and judging ----------------------------------------------------------------
+
+    def pending_pages(self, moment: Moment) -> int:
+        """Free at or above the reporting order and still backed by the host."""
+        if self.split is None or self.reporting_order > MAX_PAGE_ORDER:
+            return 0
+        resident_free = moment.free_pages - moment.absent_free_pages
+        big = sum(self.split[self.reporting_order :])
+        return max(0, min(resident_free, big - moment.absent_free_pages))
+
+    def _predict(
+        self, moment: Moment, previous_at: float | None, previous_free: int | None
+    ) -> None:
+        pending = self.pending_pages(moment)
+        if pending <= 0:
+            self._pending_since = None
+        elif self._pending_since is None:
+            # Freed between the previous stats and these: upstream was notified then.
+            self._pending_since = moment.at - _half_interval(moment, previous_at, previous_free)
+        if self._prediction is not None or pending < PREDICT_MIN_PAGES:
+            return
+        assert self._pending_since is not None
+        freed_at = self._pending_since
+        self._prediction = _Prediction(
+            made_at=moment.at,
+            freed_at=freed_at,
+            pages=pending,
+            due_at=freed_at + self._report_seconds(pending),
+            discarded_at_start=moment.discarded_pages,
+        )
+
+    def _report_seconds(self, pending: int) -> float:
+        """Upstream's time to report ``pending`` pages, spread over the lists at or above the
+        reporting order as the split has them (each list has its own budget)."""
+        assert self.split is not None
+        big = self.split[self.reporting_order :]
+        total = sum(big) or 1
+        seconds = PAGE_REPORTING_DELAY
+        for offset, pages in enumerate(big):
+            order = self.reporting_order + offset
+            blocks = (pending * pages // total) >> order
+            seconds = max(seconds, upstream_report_time(blocks, pages >> order))
+        return seconds
+
+    def expected_by(self, when: float) -> int:
+        """Pages the current prediction says upstream has reported by ``when``."""
+        p = self._prediction
+        if p is None or self.split is None:
+            return 0
+        order = self.reporting_order
+        return min(
+            p.pages,
+            reported_by_upstream(
+                p.pages >> order, sum(self.split[order:]) >> order, when - p.freed_at
+            )
+            << order,
+        )
+
+    def _judge(self, moment: Moment) -> None:
+        p = self._prediction
+        if p is None or moment.host_at is None or moment.host_at < p.due_at + GRACE_SECONDS:
+            return
+        seen = moment.discarded_pages - p.discarded_at_start
+        mib = MiB_PAGES
+        text = (
+            f"predicted {p.pages // mib} MiB reported {p.due_at - p.freed_at:.0f} s after the "
+            f"guest freed it; the host saw {max(seen, 0) // mib} MiB discarded by "
+            f"{moment.host_at - p.freed_at:.0f} s"
+        )
+        if seen >= EFFECTIVE_SHARE * p.pages:
+            self.verdict = "effective"
+        elif seen > 0:
+            self.verdict = "slow"
+        elif self.ever_discarded:
+            self.verdict = "stalled"
+        elif p.pages >= INEFFECTIVE_PAGES:
+            self.verdict = "ineffective"
+            text += (
+                ": reports are acknowledged without effect (VFIO passthrough, page poisoning, "
+                "postcopy) or reporting is not running"
+            )
+        else:
+            self.verdict = "unknown"
+        self.evidence = text
+        self._prediction = None
+        if self.verdict == "effective" and self.source == "modelled":
+            self._fit_to_reporting(moment)
+
+    def _fit_to_reporting(self, moment: Moment) -> None:
+        """Reporting caught up: what is left at or above the reporting order is what the host
+        already discarded. Correct the split to that and learn from how far it was off."""
+        assert self.split is not None
+        order = self.reporting_order
+        big_now = sum(self.split[order:])
+        observed_big = min(moment.free_pages, moment.absent_free_pages)
+        self.residual_pages, self.residual_at = abs(big_now - observed_big), moment.at
+        freed, self._freed_since_fit = self._freed_since_fit, 0
+        discarded = moment.discarded_pages - self._discarded_at_fit
+        self._discarded_at_fit = moment.discarded_pages
+        if freed >= PREDICT_MIN_PAGES:
+            share = min(1.0, max(0.0, discarded / freed))
+            self.reportable_share += LEARN_RATE * (share - self.reportable_share)
+        self.split = _hold_at_most(self.split, observed_big, order)
+
+    def _state(self, moment: Moment) -> FreeState:
+        assert self.split is not None and self.at is not None
+        p = self._prediction
+        return FreeState(
+            at=self.at,
+            source=self.source,
+            by_order_pages=tuple(self.split),
+            reporting_order=self.reporting_order,
+            residual_pages=self.residual_pages,
+            residual_at=self.residual_at,
+            agent_skew_seconds=self.agent_skew if self.source == "agent" else None,
+            pending_pages=self.pending_pages(moment),
+            pending_since=self._pending_since,
+            report_due_at=p.due_at if p is not None else None,
+            verdict=self.verdict,
+            evidence=self.evidence,
+        )
+
+
+# -- split arithmetic ------------------------------------------------------------------------
+
+
+def _big_profile(order: int) -> list[float]:
+    """Freed memory that reaches the reporting order mostly merges on to the largest order."""
+    profile = [0.0] * NR_ORDERS
+    if order > MAX_PAGE_ORDER:
+        profile[MAX_PAGE_ORDER] = 1.0
+        return profile
+    if order == MAX_PAGE_ORDER:
+        profile[order] = 1.0
+        return profile
+    profile[MAX_PAGE_ORDER] = 0.9
+    for o in range(order, MAX_PAGE_ORDER):
+        profile[o] = 0.1 / (MAX_PAGE_ORDER - order)
+    return profile
+
+
+def _scaled(split: Sequence[int], total: int) -> list[int]:
+    """``split`` made to sum to ``total`` pages: trimmed from the smallest orders (what is
+    allocated first), or topped up at order 0."""
+    out = [max(0, int(x)) for x in split][:NR_ORDERS]
+    out += [0] * (NR_ORDERS - len(out))
+    excess = sum(out) - max(total, 0)
+    for o in range(NR_ORDERS):
+        if excess <= 0:
+            break
+        take = min(out[o], excess)
+        out[o] -= take
+        excess -= take
+    if excess < 0:
+        out[0] += -excess
+    return out
+
+
+def _hold_at_least(split: list[int], pages: int, order: int) -> list[int]:
+    """At least ``pages`` at or above ``order``: moved up from the smaller orders."""
+    order = min(order, MAX_PAGE_ORDER)
+    short = pages - sum(split[order:])
+    if short <= 0:
+        return split
+    out = list(split)
+    for o in range(order):
+        take = min(out[o], short)
+        out[o] -= take
+        short -= take
+        out[MAX_PAGE_ORDER] += take
+    return out
+
+
+def _hold_at_most(split: list[int], pages: int, order: int) -> list[int]:
+    """At most ``pages`` at or above ``order``: the rest moved down below it."""
+    out = list(split)
+    extra = sum(out[order:]) - pages
+    for o in range(order, NR_ORDERS):
+        if extra <= 0:
+            break
+        take = min(out[o], extra)
+        out[o] -= take
+        extra -= take
+        out[max(order - 1, 0)] += take
+    return out
+
+
+def _half_interval(moment: Moment, last_at: float | None, previous_free: int | None) -> float:
+    """How long before ``moment.at`` a change first seen now probably happened: half the time
+    since the previous moment (the guest pushes stats every few seconds)."""
+    if last_at is None or previous_free is None:
+        return 0.0
+    return max(0.0, min(moment.at - last_at, 10.0)) / 2
