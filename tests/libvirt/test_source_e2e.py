@@ -28,6 +28,7 @@ from daemon.libvirt import (
     MetadataChanged,
     NotConnected,
     Reconnected,
+    SourceState,
 )
 from daemon.testguest import GuestImage, fields
 from tests.libvirt import domains
@@ -306,6 +307,36 @@ async def test_a_killed_and_restarted_libvirtd_is_reconnected_and_events_flow_ag
         finally:
             await source.set_balloon_target(uuid, booted.spec.ram_mib * MiB)
     assert source.reconnects == 1
+
+
+async def test_a_hung_libvirtd_is_detected_by_keepalive(libvirtd: PrivateLibvirtd) -> None:
+    pid = libvirtd.libvirtd_pid
+    assert pid is not None
+    async with LibvirtSource(
+        libvirtd.uri,
+        state_dir=libvirtd.qemu_state_dir,
+        keepalive_interval=1,
+        keepalive_count=2,
+        call_timeout=2,
+        connect_timeout=2,
+        backoff_max=0.5,
+    ) as src:
+        await src.wait_connected(30)
+        async with EventTap(src) as tap:
+            os.kill(pid, signal.SIGSTOP)  # alive but not answering
+            try:
+                lost = await tap.wait_for(ConnectionLost, timeout=30)
+                assert "keepalive" in lost.reason
+                with pytest.raises(NotConnected):
+                    await src.list_running()
+                # Reconnecting now opens a socket nobody reads: those attempts time out.
+                await asyncio.sleep(3.5)
+                assert "open: no answer within 2 s" in (src.last_error or ""), src.last_error
+                assert src.transitions[-1] in (SourceState.BACKOFF, SourceState.CONNECTING)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await tap.wait_for(Reconnected, timeout=30)
+        assert src.reconnects == 1 and src.connected
 
 
 # -- scale -----------------------------------------------------------------------------------------
