@@ -323,9 +323,10 @@ class LibvirtSource:
         self._queue.append(event)
         self._wakeup.set()
 
-    def _release_held(self) -> None:
+    def _publish_snapshot(self, snapshot: Connected | Reconnected) -> None:
+        """Queue the snapshot, then the events that arrived while it was taken."""
         held, self._holding = self._holding or [], None
-        for event in held:
+        for event in (snapshot, *held):
             self._push(event)
 
     # Runs on libvirt's event thread: build the event there (it reads only the domain object),
@@ -391,11 +392,10 @@ class LibvirtSource:
                     now = time.time()
                     if ever_connected:
                         self.reconnects += 1
-                        self._push(Reconnected(now, self.uri, domains, outage))
+                        self._publish_snapshot(Reconnected(now, self.uri, domains, outage))
                     else:
-                        self._push(Connected(now, self.uri, domains))
+                        self._publish_snapshot(Connected(now, self.uri, domains))
                     ever_connected = True
-                    self._release_held()
                     self._set_state(SourceState.CONNECTED)
                     reason = await link.lost
                     if not self._closing:

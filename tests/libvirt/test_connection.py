@@ -8,8 +8,10 @@ removes them.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import libvirt
 import pytest
@@ -19,6 +21,7 @@ from daemon.libvirt import (
     Connected,
     DomainNotFound,
     DomainNotRunning,
+    DomainRef,
     EventsDropped,
     LibvirtSource,
     Lifecycle,
@@ -206,3 +209,26 @@ async def test_one_consumer_at_a_time(source: LibvirtSource) -> None:
     with pytest.raises(RuntimeError, match="consumer"):
         await anext(source.events())
     await first.aclose()
+
+
+async def test_events_during_the_snapshot_come_after_it(admin: libvirt.virConnect) -> None:
+    uuid = str(uuidlib.uuid4())
+
+    class DefinesWhileListing(LibvirtSource):
+        # A domain appears while the snapshot is being taken (the listing runs in a worker
+        # thread; the pause lets its DEFINED event reach the asyncio loop meanwhile).
+        def _list_running(self, link: Any) -> tuple[DomainRef, ...]:
+            admin.defineXML(domain_xml("t-during", uuid))
+            time.sleep(0.3)
+            return super()._list_running(link)
+
+    try:
+        async with DefinesWhileListing(TEST_URI, state_dir=None) as src:
+            events = src.events()
+            first = await asyncio.wait_for(anext(events), 10)
+            second = await asyncio.wait_for(anext(events), 10)
+            await events.aclose()
+        assert isinstance(first, Connected)
+        assert isinstance(second, LifecycleChanged) and second.domain.uuid == uuid
+    finally:
+        await asyncio.to_thread(admin.lookupByUUIDString(uuid).undefine)
