@@ -534,8 +534,11 @@ class LibvirtSource:
 
     # -- running calls ---------------------------------------------------------------------------
 
-    async def _in_pool(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run ``fn`` in the pool with a timeout; libvirt's errors mapped, the cause kept."""
+    async def _in_pool(
+        self, what: str, fn: Callable[[], T], timeout: float | None = None, *, agent: bool = False
+    ) -> T:
+        """Run ``fn`` in the pool with a timeout; libvirt's errors mapped, the cause kept
+        (``agent``: ``fn`` runs a guest-agent command, see ``from_libvirt_error``)."""
         loop = asyncio.get_running_loop()
         limit = self.call_timeout if timeout is None else timeout
         started = time.monotonic()
@@ -550,8 +553,11 @@ class LibvirtSource:
         except TimeoutError:
             outcome = "CallTimeout"
             raise CallTimeout(what, limit) from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         except libvirt.libvirtError as exc:
-            error = from_libvirt_error(exc, what, agent=what == "agent command")
+            error = from_libvirt_error(exc, what, agent=agent)
             outcome = type(error).__name__
             raise error from exc
         except _Lost as exc:
@@ -562,7 +568,13 @@ class LibvirtSource:
                 self.on_call(what, time.monotonic() - started, outcome)
 
     async def _call_on(
-        self, link: _Link, what: str, fn: Callable[[], T], timeout: float | None = None
+        self,
+        link: _Link,
+        what: str,
+        fn: Callable[[], T],
+        timeout: float | None = None,
+        *,
+        agent: bool = False,
     ) -> T:
         def guarded() -> T:
             try:
@@ -577,7 +589,7 @@ class LibvirtSource:
                 raise
 
         try:
-            return await self._in_pool(what, guarded, timeout)
+            return await self._in_pool(what, guarded, timeout, agent=agent)
         except NotConnected as exc:
             self._mark_lost(link.generation, str(exc))
             raise
@@ -596,6 +608,8 @@ class LibvirtSource:
         uuid: str,
         fn: Callable[[libvirt.virDomain], T],
         timeout: float | None = None,
+        *,
+        agent: bool = False,
     ) -> T:
         link = self._current(what)
 
@@ -611,7 +625,7 @@ class LibvirtSource:
                     link.domains.pop(uuid, None)
                 raise
 
-        return await self._call_on(link, what, call, timeout)
+        return await self._call_on(link, what, call, timeout, agent=agent)
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -731,6 +745,7 @@ class LibvirtSource:
             uuid,
             lambda d: libvirt_qemu.qemuAgentCommand(d, text, timeout, 0),
             timeout=timeout + self.call_timeout,
+            agent=True,
         )
         if not isinstance(reply, str) or len(reply) > MAX_AGENT_REPLY:
             raise BadReply(f"agent reply to {command}: not a string of at most {MAX_AGENT_REPLY}")
