@@ -25,6 +25,10 @@ class GuestSpec:
     free_page_reporting: bool = True
     page_reporting_order: int | None = None  # None: the guest's own (pageblock_order, 9)
     deflate_on_oom: bool = False
+    # A guest agent (qemu-ga) on a virtio-serial port; ``agent_block_rpcs`` as its
+    # ``--block-rpcs`` (RHEL-family guests block guest-file-* by default).
+    agent: bool = True
+    agent_block_rpcs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0 or self.ram_bytes % (4 * MiB):

@@ -123,6 +123,8 @@ class GuestAgent:
                     buffer = buffer.lstrip()[end:]
                     pending = buffer.encode()
                     prefix, reply = self._reply(msg)
+                    if isinstance(msg, dict) and "id" in msg:
+                        reply["id"] = msg["id"]  # as the QMP dispatcher does
                     writer.write(prefix + json.dumps(reply).encode() + b"\n")
                     await writer.drain()
         except ConnectionError:
@@ -171,11 +173,11 @@ class GuestAgent:
                 raise _Failure(
                     f"failed to open file '{path}' (mode: 'r'): No such file or directory"
                 )
-            handle, self._next_handle = self._next_handle, self._next_handle + 1
-            self._handles[handle] = (text.encode(), 0)
-            return handle
+            opened, self._next_handle = self._next_handle, self._next_handle + 1
+            self._handles[opened] = (text.encode(), 0)
+            return opened
         handle = args.get("handle")
-        if handle not in self._handles:
+        if not isinstance(handle, int) or handle not in self._handles:
             raise _Failure(f"handle '{handle}' has not been found")
         if name == "guest-file-close":
             del self._handles[handle]

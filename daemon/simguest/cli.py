@@ -38,6 +38,10 @@ def _guest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--page-reporting-order", type=int, help="the guest's page_reporting_order (9)"
     )
+    parser.add_argument("--no-agent", action="store_true", help="no guest agent (SOCKET.qga)")
+    parser.add_argument(
+        "--agent-block-rpcs", default="", help="agent commands to block, comma-separated"
+    )
     parser.add_argument(
         "--no-guest-os", action="store_true", help="the guest never loads a balloon driver"
     )
@@ -80,6 +84,8 @@ def _spec(args: argparse.Namespace, **fields: Any) -> SimGuestSpec:
         free_page_reporting=not args.no_free_page_reporting,
         deflate_on_oom=args.deflate_on_oom,
         page_reporting_order=args.page_reporting_order,
+        agent=not args.no_agent,
+        agent_block_rpcs=tuple(c for c in args.agent_block_rpcs.split(",") if c),
         **fields,
     )
 

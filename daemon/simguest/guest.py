@@ -21,6 +21,7 @@ import numpy as np
 
 from daemon.guest_stats import GuestStats
 from daemon.guestspec import GuestSpec, MiB
+from daemon.simguest.agent import GuestAgent, agent_path
 from daemon.simguest.commands import MachineCommands
 from daemon.simguest.events import EventBus
 from daemon.simguest.machine import Machine, MachineConfig
@@ -46,6 +47,9 @@ class GuestOS(Protocol):
         """The statistics the balloon driver pushes."""
 
     def page_states(self) -> PageStates: ...
+
+    def proc_file(self, path: str) -> str | None:
+        """A guest file as its agent reads it (``/proc/buddyinfo``, ...); None: no such file."""
 
 
 GuestOSFactory = Callable[["SimGuestSpec", GuestRAM], GuestOS]
@@ -110,6 +114,7 @@ class SimGuest:
         self._exited = asyncio.Event()
         self._listener: UnixListener | None = None
         self._truth: asyncio.Server | None = None
+        self.agent = GuestAgent(self._guest_file, frozenset(spec.agent_block_rpcs))
         self._tasks: list[asyncio.Task[None]] = []
         self._last_step = 0.0
 
@@ -122,6 +127,8 @@ class SimGuest:
         try:
             if spec.socket is not None:
                 self._truth = await serve_truth(truth_path(spec.socket), self.truth)
+                if spec.agent:
+                    await self.agent.serve(agent_path(spec.socket))
                 self._listener = await listen_unix(self.monitor, spec.socket)
             if spec.connect is not None:
                 self._tasks.append(
@@ -157,6 +164,7 @@ class SimGuest:
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
+        await self.agent.close()
         if self._truth is not None:
             self._truth.close()
             with contextlib.suppress(FileNotFoundError):
@@ -176,6 +184,10 @@ class SimGuest:
             virtual_time=self.machine.clock.now(),
             now=time.time(),
         )
+
+    def _guest_file(self, path: str) -> str | None:
+        # The agent runs in the guest: before it boots there are no files to read.
+        return self.os.proc_file(path) if self.os is not None else None
 
     def _no_guest_os(self) -> PageStates:
         """Before boot (``-S``) or without a driver: no guest state, only host memory."""

@@ -27,6 +27,7 @@ from daemon.guest_stats import GuestStats
 from daemon.model import MAX_PAGE_ORDER, WORKLOADS, SimConfig, SimLog, Simulation, make_workload
 from daemon.model.constants import PAGE_SIZE, PG_FREE_MASK, PG_REPORTED, PG_RESERVED
 from daemon.model.host import BALLOONED, PRESENT
+from daemon.simguest.agent import REPORTING_ORDER_FILE, buddyinfo, meminfo
 from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.ram import GuestRAM
 from daemon.simguest.truth import PageStates
@@ -145,4 +146,15 @@ class ModelGuestOS:
             touched=self._ram.touched.copy(),
             deflated=free & (self.sim.host.state_arr == BALLOONED),
             free_order=free_order,
+            buddy_by_order=tuple(int(n) for n in alloc.free_pages_by_order()),
         )
+
+    def proc_file(self, path: str) -> str | None:
+        """A file of the guest's, as its agent reads it; None where there is no such file."""
+        if path == "/proc/buddyinfo":
+            return buddyinfo(self.sim.alloc)
+        if path == "/proc/meminfo":
+            return meminfo(self.sim.meminfo())
+        if path == REPORTING_ORDER_FILE:
+            return f"{self.reporting_order}\n"
+        return None

@@ -52,6 +52,10 @@ def spec_argv(spec: SimGuestSpec, *, guest_os: bool = True) -> list[str]:
         argv.append("--deflate-on-oom")
     if spec.page_reporting_order is not None:
         argv += ["--page-reporting-order", str(spec.page_reporting_order)]
+    if not spec.agent:
+        argv.append("--no-agent")
+    if spec.agent_block_rpcs:
+        argv += ["--agent-block-rpcs", ",".join(spec.agent_block_rpcs)]
     if not guest_os:
         argv.append("--no-guest-os")
     return argv

@@ -13,6 +13,8 @@ The document (all sizes in bytes unless a name says pages)::
       "balloon": {"target_bytes": T, "actual_bytes": A},
       "components": {"ballooned", "reported", "untouched", "free_resident", "reportable",
                      "stranded", "cache", "free", "used", "resident"},
+      "free_by_order_bytes": [11 orders: free on the buddy lists, as /proc/buddyinfo],
+      "returned_by_order_bytes": [11 orders: what reporting at that order would return],
       "blocks": {"free": [pages per block], "used": [...], "reported": [...],
                  "ballooned": [...], "resident": [...]}
     }
@@ -70,6 +72,9 @@ class PageStates:
     touched: Bools
     deflated: Bools
     free_order: npt.NDArray[np.int8]
+    # Free pages per order on the buddy lists (what /proc/buddyinfo shows: not the per-CPU
+    # lists), and the guest's page_reporting_order is the document's.
+    buddy_by_order: tuple[int, ...] = ()
 
 
 def truth_path(qmp_socket: Path | str) -> Path:
@@ -93,6 +98,13 @@ def components(pages: PageStates, reporting_order: int) -> dict[str, int]:
         "resident": pages.resident,
     }
     return {name: int(np.count_nonzero(mask)) * PAGE_SIZE for name, mask in counts.items()}
+
+
+def returned_by_order(pages: PageStates) -> list[int]:
+    """Per order: the resident free memory reporting at that order would return (bytes)."""
+    resident = pages.free & pages.resident
+    orders = pages.free_order[resident]
+    return [int(np.count_nonzero(orders >= o)) * PAGE_SIZE for o in range(11)]
 
 
 def per_block(mask: Bools) -> list[int]:
@@ -125,6 +137,8 @@ def document(
         "reporting_order": reporting_order,
         "balloon": {"target_bytes": balloon_target_bytes, "actual_bytes": balloon_actual_bytes},
         "components": components(pages, reporting_order),
+        "free_by_order_bytes": [n * PAGE_SIZE for n in pages.buddy_by_order],
+        "returned_by_order_bytes": returned_by_order(pages),
         "blocks": {
             "free": per_block(pages.free),
             "used": per_block(pages.used),

@@ -136,6 +136,8 @@ def test_command_line_round_trip() -> None:
         free_page_reporting=False,
         deflate_on_oom=True,
         page_reporting_order=5,
+        agent=False,
+        agent_block_rpcs=("guest-file-open", "guest-file-read"),
         start_paused=True,
         time_scale=3.0,
         tick=0.2,
