@@ -1,4 +1,4 @@
-"""reclaimd against simulated guests: responsiveness at fleet scale, and estimate accuracy.
+"""reclaimd against simulated guests at fleet scale: responsiveness, CPU and memory.
 
 ``fleet``: N simulated guests (one forked process each, ``python -m daemon.simguest fleet``)
 and ``reclaimd serve`` attached to all of them through ``RECLAIMD_SOCKET_GLOB`` with a 2 s
@@ -6,18 +6,13 @@ stats interval. After a warm-up, a client times REST requests (one VM's detail, 
 ``/healthz``) and full ``/metrics`` scrapes while the daemon's CPU time and RSS are read from
 ``/proc``. Targets: REST p99 < 100 ms, a full scrape < 250 ms.
 
-``accuracy``: one simulated guest per workload (one process each, as QEMU runs), the daemon
-attached, and every 2 s each VM's reclaim estimate compared with the guest's ground truth
-(``SOCKET.truth``). Limits, as fractions of guest RAM: reported 2 %, free_resident 5 %,
-stranded 10 %. Errors are reported for all samples and for steady samples only (the truth moved
-by at most 1 % of RAM since the previous sample): the estimate's inputs are up to one stats
-interval old, so during a fast transient it trails the truth by design.
+The estimate's accuracy against the guests' truth is ``bench_estimate.py``.
 
 ``fleet --baseline REV`` runs the daemon of git revision REV (its ``daemon`` and ``api``
 packages, extracted to a temporary directory) against the same fleet as this tree's, in turns
 (``--rounds`` each), and prints both side by side: medians, with min and max over the rounds.
 
-Usage: python bench/bench_fleet.py [fleet|accuracy|all] [--count 500] [--ram 32M] ...
+Usage: python bench/bench_fleet.py [fleet] [--count 500] [--ram 32M] [--baseline REV] ...
 Results go to bench/RESULTS-fleet.md (``--results``). The fleet run needs about 6 GiB of free
 RAM for 500 guests of 32 MiB.
 """
@@ -46,9 +41,7 @@ import httpx
 from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from daemon.model.cli import parse_size
-from daemon.simguest.accuracy import STEADY_FRACTION, ErrorSeries
-from daemon.simguest.guest import SimGuestSpec
-from daemon.simguest.launcher import FleetProcess, GuestProcess
+from daemon.simguest.launcher import FleetProcess
 
 MiB = 1 << 20
 RESULTS = Path(__file__).with_name("RESULTS-fleet.md")
@@ -413,84 +406,6 @@ def comparison_markdown(results: dict[str, list[FleetResult]], labels: dict[str,
     )
 
 
-# ---------------------------------------------------------------------------- accuracy
-
-
-def run_accuracy(args: argparse.Namespace, workdir: Path) -> dict[str, ErrorSeries]:
-    vms = workdir / "acc"
-    vms.mkdir()
-    guests: dict[str, GuestProcess] = {}
-    try:
-        for i, workload in enumerate(ACCURACY_WORKLOADS):
-            spec = SimGuestSpec(
-                name=workload,
-                ram_bytes=args.accuracy_ram,
-                socket=vms / f"{workload}.qmp",
-                workload=workload,
-                seed=i + 1,
-            )
-            guests[workload] = GuestProcess.start(spec, log=workdir / f"{workload}.log")
-        with daemon(workdir, str(vms / "*.qmp")) as d:
-            d.wait_up(len(guests), 60)
-            time.sleep(10)  # first stats, first scans
-            return sample_accuracy(d, guests, args.accuracy_duration)
-    finally:
-        for g in guests.values():
-            g.stop()
-
-
-def sample_accuracy(
-    d: Daemon, guests: dict[str, GuestProcess], duration: float
-) -> dict[str, ErrorSeries]:
-    series = {name: ErrorSeries() for name in guests}
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < duration:
-        time.sleep(2)
-        for name, guest in guests.items():
-            series[name].add(estimate_of(d.client.get(f"/api/v1/vms/{name}").json()), guest.truth())
-    return series
-
-
-def estimate_of(detail: dict[str, Any]) -> dict[str, int | None]:
-    """Component bytes from a VM's REST detail (None where reclaimd gives no number)."""
-    components = (detail.get("estimate") or {}).get("components") or {}
-    return {k: (v or {}).get("bytes") for k, v in components.items()}
-
-
-def accuracy_markdown(results: dict[str, ErrorSeries], ram: int, duration: float) -> str:
-    lines = [
-        f"Accuracy: one simulated guest of {ram // MiB} MiB per workload, {duration:g} s, a "
-        "sample every 2 s. Error = |estimate - truth| / RAM. Cells: median / p90 / max over all "
-        "samples; then median / p90 over steady samples (n): those where the truth moved by at "
-        f"most {STEADY_FRACTION:.0%} of RAM since the previous sample.",
-        "",
-        "| workload | component (limit) | all: median / p90 / max | steady: median / p90 (n) "
-        "| verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for workload, s in results.items():
-        for m in s.summary():
-            head = f"| {workload} | {m.component} ({m.tolerance:.0%}) |"
-            if m.median is None or m.p90 is None or m.max is None:
-                lines.append(f"{head} missing ({m.missing}) | - | no estimate |")
-                continue
-            cell = f"{m.median:.2%} / {m.p90:.2%} / {m.max:.2%}"
-            if m.missing:
-                cell += f" ({m.missing} missing)"
-            steady = (
-                f"{m.steady_median:.2%} / {m.steady_p90:.2%} ({m.steady_samples})"
-                if m.steady_median is not None and m.steady_p90 is not None
-                else "- (0)"
-            )
-            lines.append(f"{head} {cell} | {steady} | {'within' if m.ok else 'OUTSIDE'} |")
-    lines.append("")
-    lines.append(
-        "Verdict: p90 of the steady samples (of all samples where none was steady) against the "
-        "limit."
-    )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -511,7 +426,7 @@ def merge(path: Path, sections: list[str]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("fleet", "accuracy", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("fleet",), default="fleet")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--ram", type=parse_size, default=32 * MiB, help="RAM per fleet guest")
     parser.add_argument("--warmup", type=float, default=20.0)
@@ -522,8 +437,6 @@ def main() -> int:
         action="store_false",
         help="run the simulated guests at normal priority (default: SCHED_IDLE)",
     )
-    parser.add_argument("--accuracy-ram", type=parse_size, default=256 * MiB)
-    parser.add_argument("--accuracy-duration", type=float, default=120.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
     parser.add_argument("--rounds", type=int, default=1, help="fleet runs per daemon, in turns")
@@ -532,13 +445,7 @@ def main() -> int:
     sections = []
     workdir = Path(tempfile.mkdtemp(prefix="rd-fleet-"))
     try:
-        if args.what in ("accuracy", "all"):
-            acc = run_accuracy(args, workdir)
-            sections.append(
-                "## Estimate accuracy\n\n"
-                + accuracy_markdown(acc, args.accuracy_ram, args.accuracy_duration)
-            )
-        if args.what in ("fleet", "all"):
+        if args.what == "fleet":
             trees: dict[str, Path | None] = {"this tree": None}
             labels = {"this tree": "this tree"}
             if args.baseline:
@@ -555,7 +462,7 @@ def main() -> int:
     info = machine()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     header = [
-        "# Simulated guests: fleet scale and estimate accuracy",
+        "# Simulated guests at fleet scale",
         "",
         f"Command: `python bench/bench_fleet.py {' '.join(sys.argv[1:]) or 'all'}` "
         f"(run {time.strftime('%Y-%m-%d')})",

@@ -137,6 +137,7 @@ class Reconciler:
     ever_discarded: bool = False
     _prediction: _Prediction | None = field(default=None, repr=False)
     _discarded_before: int = 0  # the host's counter at the previous moment
+    _never_discarded: int = 0  # predicted since attach while the host discarded nothing
     _freed_since_fit: int = 0
     _discarded_at_fit: int = 0
     _last_agent_at: float | None = None
@@ -267,7 +268,12 @@ class Reconciler:
         if self._pending_since is None:
             self._pending_since = freed_at  # upstream was notified then
         if self._prediction is not None:
-            return  # one at a time: the next free is judged after this one
+            # More freed before the first was reported: one prediction for both, timed from
+            # the first free (upstream's worker is already scheduled).
+            p = self._prediction
+            p.pages += grown
+            p.due_at = p.freed_at + self._report_seconds(p.pages)
+            return
         self._prediction = _Prediction(
             made_at=moment.at,
             freed_at=freed_at,
@@ -333,13 +339,15 @@ class Reconciler:
                 text += " (all the guest had in large blocks, fewer than modelled)"
         elif self.ever_discarded:
             self.verdict = "stalled"
-        elif p.pages >= INEFFECTIVE_PAGES:
+        elif (never := self._never_discarded + p.pages) >= INEFFECTIVE_PAGES:
+            self._never_discarded = never
             self.verdict = "ineffective"
             text += (
                 ": reports are acknowledged without effect (VFIO passthrough, page poisoning, "
                 "postcopy) or reporting is not running"
             )
         else:
+            self._never_discarded = never
             self.verdict = "unknown"
         self.evidence = text
         self._prediction = None

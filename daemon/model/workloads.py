@@ -204,6 +204,68 @@ class Fragment(WorkloadBase):
         self.ops += budget
 
 
+class Churn(WorkloadBase):
+    """Mixed-order allocations and frees all the time, around an occupancy that wanders.
+
+    Orders 0 to 10 (small ones most often, and pageblock-sized ones as a THP would take),
+    all movable; every step allocates and frees a few percent of RAM at once, so the free
+    lists change at every order while free memory moves only slowly: what a busy server does.
+    """
+
+    name = "churn"
+    description = "mixed-order allocs and frees at once; occupancy wanders 30-70 %"
+
+    ORDERS = (0, 0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 9, 9, 10)
+
+    def __init__(self, rate: float = 0.03, low: float = 0.3, high: float = 0.7) -> None:
+        super().__init__()
+        self.rate = rate
+        self.low = low
+        self.high = high
+        self.level = (low + high) / 2
+        self.live: list[tuple[int, int]] = []
+        self.live_pages = 0
+
+    def step(self, now: float) -> None:
+        sim = self.sim
+        managed = sim.alloc.managed_pages
+        rand = self.rand
+        # A random walk of the occupancy, reflected at the bounds.
+        self.level += rand.uniform(-0.004, 0.004)
+        self.level = min(self.high, max(self.low, self.level))
+        target = int(managed * self.level)
+        budget = max(1, int(managed * self.rate * STEP))
+        live = self.live
+        ncpus = sim.config.ncpus
+        moved = 0
+        i = 0
+        while moved < budget:
+            cpu = i % ncpus
+            i += 1
+            # Mostly towards the target, sometimes against it: both happen all the time.
+            towards = rand.random() < 0.75
+            if not live or towards == (self.live_pages < target):
+                order = rand.choice(self.ORDERS)
+                pfn = sim.alloc_pages(order, MIGRATE_MOVABLE, cpu)
+                if pfn < 0:
+                    self.failed += 1
+                    break
+                live.append((pfn, order))
+                self.live_pages += 1 << order
+                sim.minor_faults += 1 << order
+            elif live:
+                j = rand.randrange(len(live))
+                pfn, order = live[j]
+                live[j] = live[-1]
+                live.pop()
+                sim.free_pages(pfn, order, cpu)
+                self.live_pages -= 1 << order
+            else:
+                break
+            moved += 1 << order
+        self.ops += i
+
+
 class PageCacheLoad(WorkloadBase):
     """Steady reads into the page cache with slow release; reclaim trims it under pressure.
 
@@ -329,7 +391,7 @@ class TraceWorkload(WorkloadBase):
 
 
 WORKLOADS: dict[str, type[WorkloadBase]] = {
-    w.name: w for w in (Memhog, Fragment, PageCacheLoad, Idle)
+    w.name: w for w in (Memhog, Fragment, PageCacheLoad, Churn, Idle)
 }
 
 

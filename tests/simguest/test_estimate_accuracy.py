@@ -1,8 +1,10 @@
 """The daemon's reclaim estimate against simulated guests that know the truth, per workload.
 
-Limits (fractions of guest RAM): reported 2 %, free_resident 5 %, stranded 10 %, judged on the
-p90 of steady samples (see ``daemon.simguest.accuracy.ErrorSeries``). The full measurement
-with a longer window is ``python bench/bench_fleet.py accuracy``.
+The targets of ``daemon.simguest.accuracy`` (fractions of RAM, p90 over all samples, each held
+against the truth of the moment of its inputs, one poll old at most): reported 2 %,
+free_resident, reportable, stranded and what-if 3 % with the guest's agent, reportable and
+stranded 6 % without one. The longer measurement, with the revision before as a baseline, is
+``python bench/bench_estimate.py``.
 """
 
 from __future__ import annotations
@@ -16,20 +18,27 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from daemon.simguest.accuracy import ErrorSeries
+from daemon.simguest.accuracy import (
+    NO_AGENT_TOLERANCES,
+    TOLERANCES,
+    ErrorSeries,
+    TruthHistory,
+    estimated,
+)
 from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.launcher import GuestProcess
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-WORKLOADS = ("memhog", "fragment", "pagecache", "idle")
+WORKLOADS = ("memhog", "fragment", "pagecache", "idle", "churn")
 WINDOW = 60.0
+POLL = 2.0
+INPUT_AGE = POLL + 1.0  # a poll, and QEMU's whole-second stamps
 
 
 def free_port() -> int:
@@ -48,22 +57,24 @@ def attached() -> Iterator[tuple[str, dict[str, GuestProcess]]]:
         server: subprocess.Popen[bytes] | None = None
         try:
             for i, workload in enumerate(WORKLOADS):
-                spec = SimGuestSpec(
-                    name=workload,
-                    ram_bytes=256 * MiB,
-                    socket=vms / f"{workload}.qmp",
-                    workload=workload,
-                    seed=i + 1,
-                )
-                guests[workload] = GuestProcess.start(spec, log=Path(tmp) / f"{workload}.log")
+                for agent in (True, False):
+                    name = workload if agent else f"{workload}-noagent"
+                    spec = SimGuestSpec(
+                        name=name,
+                        ram_bytes=256 * MiB,
+                        socket=vms / f"{name}.qmp",
+                        workload=workload,
+                        seed=i + 1,
+                        agent=agent,
+                    )
+                    guests[name] = GuestProcess.start(spec, log=Path(tmp) / f"{name}.log")
             port = free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("RECLAIMD_")}
             env.update(
                 RECLAIMD_SOCKET_GLOB=str(vms / "*.qmp"),
                 RECLAIMD_JOURNAL=str(Path(tmp) / "journal.sqlite3"),
-                # Fresh inputs: the error measured is the estimate's, not the age of its inputs.
-                RECLAIMD_STATS_INTERVAL="1",
-                RECLAIMD_POLL_INTERVAL="1",
+                RECLAIMD_STATS_INTERVAL=str(int(POLL)),
+                RECLAIMD_POLL_INTERVAL=str(POLL),
             )
             with open(Path(tmp) / "reclaimd.log", "wb") as log:
                 server = subprocess.Popen(
@@ -85,15 +96,15 @@ def attached() -> Iterator[tuple[str, dict[str, GuestProcess]]]:
                 guest.stop()
 
 
-def estimate_of(detail: dict[str, Any]) -> dict[str, int | None]:
-    components = (detail.get("estimate") or {}).get("components") or {}
-    return {k: (v or {}).get("bytes") for k, v in components.items()}
-
-
 def test_estimate_matches_the_truth_under_each_workload(
     attached: tuple[str, dict[str, GuestProcess]],
 ) -> None:
     base, guests = attached
+    histories = {name: TruthHistory() for name in guests}
+    series = {
+        name: ErrorSeries(NO_AGENT_TOLERANCES if name.endswith("-noagent") else TOLERANCES)
+        for name in guests
+    }
     with httpx.Client(base_url=base, timeout=10) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -105,25 +116,21 @@ def test_estimate_matches_the_truth_under_each_workload(
             time.sleep(0.5)
         else:
             pytest.fail("reclaimd did not attach to all simulated guests within 30 s")
-        time.sleep(6)  # first stats and first residency scans
-        series = {name: ErrorSeries() for name in guests}
         started = time.monotonic()
-        while time.monotonic() - started < WINDOW:
-            time.sleep(2)
+        next_estimate = started + 10  # first stats, first residency scans and agent reads
+        while time.monotonic() - started < 10 + WINDOW:
             for name, guest in guests.items():
-                series[name].add(
-                    estimate_of(client.get(f"/api/v1/vms/{name}").json()), guest.truth()
-                )
-    failures = []
-    for name, s in series.items():
-        for m in s.summary():
-            if not m.ok:
-                failures.append(
-                    f"{name} {m.component}: p90 {m.p90}, steady p90 {m.steady_p90} "
-                    f"({m.steady_samples} steady of {m.samples}), missing {m.missing}, "
-                    f"limit {m.tolerance}"
-                )
+                histories[name].add(guest.truth())
+            if time.monotonic() >= next_estimate:
+                next_estimate += POLL
+                now = time.time()
+                for name in guests:
+                    detail = client.get(f"/api/v1/vms/{name}").json()
+                    series[name].add(
+                        estimated(detail), histories[name].window(now - INPUT_AGE, now)
+                    )
+            time.sleep(0.25)
+    failures = [f for name, s in series.items() for f in s.failures(name)]
     assert failures == []
-    # Workloads with quiet phases must have given steady samples, or the check measured nothing.
-    for name in ("memhog", "pagecache", "idle"):
-        assert series[name].summary()[0].steady_samples >= 10, name
+    for name, s in series.items():  # the test measured something for every VM
+        assert min(m.samples for m in s.summary()) >= WINDOW / POLL - 2, name

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from daemon.simguest.accuracy import TOLERANCES, ErrorSeries, all_ok, compare, quantile, table
+from daemon.simguest.accuracy import (
+    TOLERANCES,
+    ErrorSeries,
+    Estimated,
+    TruthHistory,
+    error,
+    quantile,
+)
 from daemon.simguest.truth import (
     BLOCK_BYTES,
     PAGE_SIZE,
@@ -93,21 +101,56 @@ def truth_doc(**components: int) -> dict[str, object]:
     return {"ram_bytes": 1000, "components": components}
 
 
-def test_accuracy_limits_are_fractions_of_ram() -> None:
-    truth = truth_doc(reported=500, free_resident=100, stranded=50)
-    good = compare({"reported": 519, "free_resident": 51, "stranded": 149}, truth)
-    assert all_ok(good)
-    assert [r.error_bytes for r in good] == [19, -49, 99]
-    bad = compare({"reported": 521, "free_resident": 100, "stranded": 50}, truth)
-    assert [r.ok for r in bad] == [False, True, True]
-    assert bad[0].error_fraction == pytest.approx(0.021)
+def doc(
+    at: float, ram: int = 1000, returned: list[int] | None = None, **components: int
+) -> dict[str, Any]:
+    names = ("reported", "free_resident", "reportable", "stranded")
+    return {
+        "time": at,
+        "ram_bytes": ram,
+        "components": {n: components.get(n, 0) for n in names},
+        "returned_by_order_bytes": returned or [0] * 11,
+    }
 
 
-def test_a_missing_component_fails() -> None:
-    results = compare({"reported": None}, truth_doc(reported=0, free_resident=0, stranded=0))
-    assert not any(r.ok for r in results)
-    assert "missing" in table([("case", results)])
-    assert set(TOLERANCES) == {r.component for r in results}
+def test_errors_are_fractions_of_ram_and_missing_fails() -> None:
+    truth = doc(0, reported=500, free_resident=100, stranded=50)
+    good = Estimated(
+        {"reported": 519, "free_resident": 71, "reportable": 30, "stranded": 41}, [0] * 11
+    )
+    assert error(good, truth, "reported") == pytest.approx(0.019)
+    assert error(good, truth, "free_resident") == pytest.approx(0.029)
+    assert error(good, truth, "what_if") == 0
+    assert error(Estimated({"reported": None}, None), truth, "reported") is None
+    assert error(Estimated({}, None), truth, "what_if") is None
+    series = ErrorSeries()
+    series.add(Estimated({"reported": None}, None), [truth])
+    assert not any(m.ok for m in series.summary())
+    assert set(TOLERANCES) == {m.component for m in series.summary()}
+
+
+def test_what_if_error_is_the_worst_order() -> None:
+    truth = doc(0, returned=[100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 0])
+    close = Estimated({}, [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 0])
+    off = Estimated({}, [100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 35])
+    assert error(close, truth, "what_if") == 0
+    assert error(off, truth, "what_if") == pytest.approx(0.035)
+
+
+def test_an_estimate_is_held_against_the_truths_of_its_window() -> None:
+    history = TruthHistory(keep=10)
+    for t, reported in ((0, 100), (1, 400), (2, 400), (20, 400)):
+        history.add(doc(t, reported=reported))
+    assert [t["time"] for t in history.samples] == [20]  # older than 10 s are gone
+    history = TruthHistory(keep=10)
+    for t, reported in ((0, 100), (1, 400), (2, 400)):
+        history.add(doc(t, reported=reported))
+    series = ErrorSeries(tolerances={"reported": 0.02})
+    # Inputs of t=0 seen at t=2: within a window of 3 s the estimate matches a truth exactly.
+    series.add(Estimated({"reported": 100}, None), history.window(-1, 2))
+    series.add(Estimated({"reported": 100}, None), history.window(1, 2))  # window too late
+    (m,) = series.summary()
+    assert m.samples == 2 and m.max == pytest.approx(0.3) and not m.ok
 
 
 def test_free_memory_never_touched_or_just_deflated_is_not_reported() -> None:
@@ -117,32 +160,6 @@ def test_free_memory_never_touched_or_just_deflated_is_not_reported() -> None:
     c = components(pages, reporting_order=9)
     assert c["untouched"] == PER_BLOCK // 2 * PAGE_SIZE
     assert c["reported"] == (PER_BLOCK // 2 - 4) * PAGE_SIZE
-
-
-def test_error_series_splits_steady_samples_from_transients() -> None:
-    series = ErrorSeries()
-    truth = {"ram_bytes": 1000, "components": {"reported": 100, "free_resident": 0, "stranded": 0}}
-    estimate = {"reported": 100, "free_resident": 0, "stranded": 0}
-    assert not series.add(estimate, truth)  # nothing to compare with yet
-    assert series.add(estimate, truth)
-    moved = {**truth, "components": {"reported": 400, "free_resident": 0, "stranded": 0}}
-    assert not series.add(estimate, moved)  # the truth jumped 30 % of RAM: a transient
-    by_name = {s.component: s for s in series.summary()}
-    reported = by_name["reported"]
-    assert (reported.samples, reported.steady_samples) == (3, 1)
-    assert reported.max == pytest.approx(0.3)
-    assert reported.steady_p90 == 0.0
-    assert reported.ok  # judged on the steady samples
-
-
-def test_error_series_fails_a_component_that_is_ever_missing() -> None:
-    series = ErrorSeries()
-    truth = {"ram_bytes": 1000, "components": {"reported": 0, "free_resident": 0, "stranded": 0}}
-    series.add({"reported": 0, "free_resident": 0, "stranded": 0}, truth)
-    series.add({"reported": 0, "free_resident": None, "stranded": 0}, truth)
-    by_name = {s.component: s for s in series.summary()}
-    assert by_name["reported"].ok
-    assert by_name["free_resident"].missing == 1 and not by_name["free_resident"].ok
 
 
 def test_quantile_is_nearest_rank() -> None:
