@@ -142,7 +142,8 @@ def markdown(runs: dict[str, dict[str, ErrorSeries]]) -> str:
                     cells.append(f"{other.p90:.2%} / {other.max:.2%}{extra}")
             verdict = "within" if m.ok else "OUTSIDE"
             lines.append(
-                f"| {name} | {m.component} ({m.tolerance:.0%}) | " + " | ".join(cells)
+                f"| {name} | {m.component} ({m.tolerance:.0%}) | "
+                + " | ".join(cells)
                 + f" | {verdict} |"
             )
     return "\n".join(lines)

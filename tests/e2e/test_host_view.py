@@ -191,8 +191,9 @@ def test_ineffective_reporting_is_detected(
     settle(rd, "pp", time.time())
     guest.send("free")
     estimate = rd.wait_for(
-        lambda: (e := rd.get("/api/v1/vms/pp/estimate")["estimate"])["verdict"] == "ineffective"
-        and e,
+        lambda: (
+            (e := rd.get("/api/v1/vms/pp/estimate")["estimate"])["verdict"] == "ineffective" and e
+        ),
         30,
         "reporting to be found ineffective",
     )
