@@ -115,6 +115,7 @@ class _Prediction:
     pages: int  # expected to be discarded
     due_at: float
     discarded_at_start: int  # the host's counter before the free
+    burst: int  # the largest rise of free memory from one moment to the next in it
     seen_at_due: int | None = None  # discarded by the due time, when that fell short
 
 
@@ -137,7 +138,6 @@ class Reconciler:
     ever_discarded: bool = False
     _prediction: _Prediction | None = field(default=None, repr=False)
     _discarded_before: int = 0  # the host's counter at the previous moment
-    _never_discarded: int = 0  # predicted since attach while the host discarded nothing
     _freed_since_fit: int = 0
     _discarded_at_fit: int = 0
     _last_agent_at: float | None = None
@@ -262,6 +262,7 @@ class Reconciler:
         if previous is None:
             return
         grown = sum(self.split[order:]) - sum(previous[order:])
+        rise = sum(self.split) - sum(previous)
         if grown < PREDICT_MIN_PAGES:
             return
         freed_at = moment.at - _half_interval(moment, previous_at)
@@ -273,6 +274,7 @@ class Reconciler:
             p = self._prediction
             p.pages += grown
             p.due_at = p.freed_at + self._report_seconds(p.pages)
+            p.burst = max(p.burst, rise)
             return
         self._prediction = _Prediction(
             made_at=moment.at,
@@ -280,6 +282,7 @@ class Reconciler:
             pages=grown,
             due_at=freed_at + self._report_seconds(grown),
             discarded_at_start=self._discarded_before,
+            burst=rise,
         )
 
     def _report_seconds(self, pending: int) -> float:
@@ -330,33 +333,42 @@ class Reconciler:
             f"guest freed it; the host saw {seen // mib} MiB discarded by "
             f"{moment.host_at - p.freed_at:.0f} s"
         )
+        agent = self.source == "agent"
         if seen >= EFFECTIVE_SHARE * p.pages:
             self.verdict = "effective"
         elif seen > 0:
             late = p.seen_at_due is not None and seen > p.seen_at_due
-            self.verdict = "slow" if late and self.source == "agent" else "effective"
-            if not late:
-                text += " (all the guest had in large blocks, fewer than modelled)"
-        elif self.ever_discarded:
+            self.verdict = "slow" if late and agent else "effective"
+            if not (late and agent):
+                text += " (all the guest had in large blocks: fewer than modelled)"
+        elif agent and self.ever_discarded:
             self.verdict = "stalled"
-        elif (never := self._never_discarded + p.pages) >= INEFFECTIVE_PAGES:
-            self._never_discarded = never
+        elif self.ever_discarded:
+            # Without the guest's own free lists, nothing reported tells no more than that the
+            # freed memory was not in large blocks; reporting has worked before.
+            text += (
+                ": fewer large blocks than modelled, or reporting stalled (the guest's agent "
+                "would tell which)"
+            )
+        elif (agent and p.pages >= INEFFECTIVE_PAGES) or p.burst >= INEFFECTIVE_PAGES:
+            # The guest had large free blocks (its agent says so, or it freed that much at
+            # once, which merges) and the host has never discarded anything.
             self.verdict = "ineffective"
             text += (
                 ": reports are acknowledged without effect (VFIO passthrough, page poisoning, "
                 "postcopy) or reporting is not running"
             )
         else:
-            self._never_discarded = never
             self.verdict = "unknown"
         self.evidence = text
         self._prediction = None
-        if self.verdict == "effective" and self.source == "modelled":
+        if not agent and self.verdict != "ineffective":
             self._fit_to_reporting(moment)
 
     def _fit_to_reporting(self, moment: Moment) -> None:
-        """Reporting caught up: what is left at or above the reporting order is what the host
-        already discarded. Correct the split to that and learn from how far it was off."""
+        """Reporting has had its time: what is left at or above the reporting order is what the
+        host already discarded. Correct the split to that, and learn from how far it was off
+        which share of freed memory reaches the reporting order."""
         assert self.split is not None
         order = self.reporting_order
         big_now = sum(self.split[order:])
