@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
 from qemu.qmp.error import ProtocolError
+from qemu.qmp.message import DeserializationError, UnexpectedTypeError
 
 from daemon.agent.errors import (
     AgentError,
@@ -146,30 +147,43 @@ class _AgentQMPClient(QMPClient):
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
 
 
-def _root_cause(exc: BaseException) -> BaseException:
+def _chain(exc: BaseException) -> list[BaseException]:
     # qemu.qmp wraps the interesting error (ConnectError.exc, ExecInterruptedError.__cause__).
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "exc", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
+    chain = [exc]
+    while len(chain) < 8:
+        inner = getattr(chain[-1], "exc", None) or chain[-1].__cause__
+        if not isinstance(inner, BaseException) or inner in chain:
             break
-        exc = inner
-    return exc
+        chain.append(inner)
+    return chain
 
 
-def _stream_error(what: str, exc: BaseException) -> AgentError:
+def _root_cause(exc: BaseException) -> BaseException:
+    return _chain(exc)[-1]
+
+
+def _stream_error(what: str, exc: BaseException, read_limit: int) -> AgentError:
     """The error for a connection that failed or broke while doing ``what``."""
-    root = _root_cause(exc)
-    if isinstance(root, AgentError):
-        return root
+    chain = _chain(exc)
+    for link in chain:
+        if isinstance(link, AgentError):
+            return link
+        if isinstance(link, _Unroutable | _SyncFailed):
+            return BadReply(f"{what}: {link}")
+        if isinstance(link, DeserializationError | UnicodeDecodeError):
+            return BadReply(f"{what}: the agent sent a line that is not JSON")
+        if isinstance(link, UnexpectedTypeError):
+            return BadReply(f"{what}: the agent sent JSON that is not an object")
+        if isinstance(link, ProtocolError):
+            return BadReply(f"{what}: {type(link).__name__}: {link}")
+    root = chain[-1]
     if isinstance(root, EOFError):
         return AgentUnavailable(f"{what}: the agent socket closed the connection")
+    if isinstance(root, ValueError) and "limit" in str(root):
+        # asyncio's StreamReader: a line longer than its limit.
+        return BadReply(f"{what}: the agent sent a line longer than {read_limit} bytes")
     if isinstance(root, OSError):
         return AgentUnavailable(f"{what}: {root.strerror or root}")
-    if isinstance(root, _SyncFailed):
-        return BadReply(f"{what}: {root}")
-    # ProtocolError (not JSON, not an object, a flood) or ValueError (a line over the limit).
     return BadReply(f"{what}: {type(root).__name__}: {root}")
 
 
@@ -212,7 +226,7 @@ class SocketTransport:
             except (QMPError, OSError, EOFError, ValueError) as exc:
                 # The reader's own error (EOF, bad JSON, a line over the limit) is the cause.
                 cause = await self._drop()
-                raise _stream_error(name, cause or exc) from None
+                raise _stream_error(name, cause or exc, self.read_limit) from None
             except BaseException:
                 # Cancelled mid-command: a reply may still come, so the stream is out of step.
                 self._abandon()
@@ -238,6 +252,11 @@ class SocketTransport:
                 f"{where}: no answer to guest-sync-delimited within {self.connect_timeout:g} s "
                 "(qemu-ga not running in the guest, hung, or another client holds the socket)"
             ) from None
+        except AssertionError:
+            # qemu.qmp's connect() asserts the session is running when it returns; a peer that
+            # breaks the connection right after the sync (hang-up, a flood) fails that assert.
+            cause = await _quiet_disconnect(client)
+            raise _stream_error(where, cause or EOFError(), self.read_limit) from None
         except (QMPError, OSError) as exc:
             # qemu.qmp wraps the socket's own error in ConnectError.
             root = _root_cause(exc)
@@ -245,7 +264,7 @@ class SocketTransport:
                 raise AgentUnavailable(f"{where} does not exist") from None
             if isinstance(root, ConnectionRefusedError):
                 raise AgentUnavailable(f"{where}: nothing listens (VM not running?)") from None
-            raise _stream_error(where, exc) from None
+            raise _stream_error(where, exc, self.read_limit) from None
         self._client = client
         return client
 
