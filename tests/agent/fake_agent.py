@@ -40,12 +40,23 @@ RHEL_BLOCKED = ("guest-file-open", "guest-file-read", "guest-file-write", "guest
 
 SAMPLES = Path(__file__).parent / "samples"
 GUEST_6_1 = "linux-6.1-guest"
+HOST_6_18 = "linux-6.18-host"
 RAM_512M = 512 * 1024 * 1024
 
 
 def sample(kernel: str, name: str) -> bytes:
     """A file as a real kernel printed it (samples/README.md)."""
     return (SAMPLES / kernel / name).read_bytes()
+
+
+def text(kernel: str, name: str) -> str:
+    return sample(kernel, name).decode()
+
+
+def buddyinfo_line(node: int, zone: str, counts: list[int] | tuple[int, ...]) -> str:
+    """One line of /proc/buddyinfo as mm/vmstat.c frag_show_print prints it:
+    "Node %d, zone %8s ", then "%6lu " per order."""
+    return f"Node {node}, zone {zone:>8s} " + "".join(f"{c:6d} " for c in counts) + "\n"
 
 
 def guest_files() -> dict[str, bytes]:
@@ -231,9 +242,9 @@ class FakeAgent:
         handle, count = args.get("handle"), args.get("count", 4096)
         if handle not in self.open_handles:
             return _error(None, "GenericError", f"handle '{handle}' has not been found")
-        path, offset = self.open_handles[handle]  # type: ignore[index]
+        path, offset = self.open_handles[handle]
         data = self.files[path][offset : offset + count]
-        self.open_handles[handle] = (path, offset + len(data))  # type: ignore[index]
+        self.open_handles[handle] = (path, offset + len(data))
         eof = len(data) < count  # feof() after fread(), as qemu-ga reports it
         return {
             "return": {

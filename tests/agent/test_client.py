@@ -16,25 +16,26 @@ from daemon.agent.errors import (
     CommandFailed,
     GuestDataRejected,
 )
-from daemon.agent.transport import SocketTransport
-from tests.agent.conftest import StartAgent
+from tests.agent.conftest import StartAgent, TransportTo
 from tests.agent.fake_agent import COMMANDS_7_2, RHEL_BLOCKED, Behaviour, FakeAgent
 
 # What the client may ever send: nothing that writes to the guest or runs anything in it.
 READ_ONLY = {"guest-sync-delimited", "guest-info", *FILE_COMMANDS}
 
 
-def client_for(agent: FakeAgent, timeout: float = 1.0) -> AgentClient:
-    return AgentClient(SocketTransport(agent.path, connect_timeout=1.0), timeout=timeout)
+def client_for(transport_to: TransportTo, agent: FakeAgent, timeout: float = 1.0) -> AgentClient:
+    return AgentClient(transport_to(agent.path, connect_timeout=1.0), timeout=timeout)
 
 
 def read_args(agent: FakeAgent) -> list[str]:
     return [c for c in agent.commands if c == "guest-file-read"]
 
 
-async def test_info_lists_the_enabled_commands(fake_agent: StartAgent) -> None:
+async def test_info_lists_the_enabled_commands(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(blocked=frozenset(RHEL_BLOCKED)))
-    info = await client_for(agent).info()
+    info = await client_for(transport_to, agent).info()
     assert info.version == "7.2.22"
     assert info.disabled == frozenset(RHEL_BLOCKED)
     assert info.enabled | info.disabled == frozenset(COMMANDS_7_2)
@@ -60,10 +61,10 @@ def test_info_rejects_what_is_not_a_guest_info(reply: Any) -> None:
         parse_info(reply)
 
 
-async def test_read_file_in_chunks(fake_agent: StartAgent) -> None:
+async def test_read_file_in_chunks(fake_agent: StartAgent, transport_to: TransportTo) -> None:
     content = bytes(range(256)) * 40  # 10 KiB, every byte value
     agent = await fake_agent(files={"/proc/x": content})
-    client = client_for(agent)
+    client = client_for(transport_to, agent)
     assert await client.read_file("/proc/x", limit=len(content), chunk=3000) == content
     assert len(read_args(agent)) == 4  # 3000 + 3000 + 3000 + 1240 (short: eof)
     assert agent.open_handles == {}
@@ -71,26 +72,28 @@ async def test_read_file_in_chunks(fake_agent: StartAgent) -> None:
 
 
 async def test_a_file_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(
-    fake_agent: StartAgent,
+    fake_agent: StartAgent, transport_to: TransportTo
 ) -> None:
     agent = await fake_agent(files={"/a": b"x" * 100, "/b": b"x" * 101})
-    client = client_for(agent)
+    client = client_for(transport_to, agent)
     assert await client.read_file("/a", limit=100) == b"x" * 100
     with pytest.raises(GuestDataRejected, match="larger than 100 bytes"):
         await client.read_file("/b", limit=100)
     assert agent.open_handles == {}
 
 
-async def test_a_missing_file_fails_with_the_agents_reason(fake_agent: StartAgent) -> None:
+async def test_a_missing_file_fails_with_the_agents_reason(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
     with pytest.raises(CommandFailed, match="No such file or directory"):
-        await client_for(agent).read_file("/sys/nothing", limit=100)
+        await client_for(transport_to, agent).read_file("/sys/nothing", limit=100)
 
 
-async def test_blocked_file_commands(fake_agent: StartAgent) -> None:
+async def test_blocked_file_commands(fake_agent: StartAgent, transport_to: TransportTo) -> None:
     agent = await fake_agent(behaviour=Behaviour(blocked=frozenset(RHEL_BLOCKED)))
     with pytest.raises(CommandBlocked, match="guest-file-open is disabled"):
-        await client_for(agent).read_file("/proc/buddyinfo", limit=100)
+        await client_for(transport_to, agent).read_file("/proc/buddyinfo", limit=100)
 
 
 def b64(data: bytes) -> str:
@@ -118,27 +121,29 @@ def b64(data: bytes) -> str:
     ],
 )
 async def test_lying_replies_are_bad_replies_and_the_handle_is_closed(
-    fake_agent: StartAgent, command: str, reply: dict[str, Any], why: str
+    fake_agent: StartAgent, command: str, reply: dict[str, Any], why: str, transport_to: TransportTo
 ) -> None:
     agent = await fake_agent(behaviour=Behaviour(override={command: lambda _: dict(reply)}))
     with pytest.raises(BadReply, match=why):
-        await client_for(agent).read_file("/proc/buddyinfo", limit=100)
+        await client_for(transport_to, agent).read_file("/proc/buddyinfo", limit=100)
     if command == "guest-file-read":
         assert agent.commands[-1] == "guest-file-close" and agent.open_handles == {}
 
 
-async def test_an_empty_chunk_without_eof_ends_the_read(fake_agent: StartAgent) -> None:
+async def test_an_empty_chunk_without_eof_ends_the_read(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     empty = {"return": {"count": 0, "buf-b64": "", "eof": False}}
     agent = await fake_agent(behaviour=Behaviour(override={"guest-file-read": lambda _: empty}))
-    assert await client_for(agent).read_file("/proc/buddyinfo", limit=100) == b""
+    assert await client_for(transport_to, agent).read_file("/proc/buddyinfo", limit=100) == b""
     assert read_args(agent) == ["guest-file-read"]
 
 
 async def test_a_handle_cut_off_by_a_timeout_is_closed_on_the_next_read(
-    fake_agent: StartAgent,
+    fake_agent: StartAgent, transport_to: TransportTo
 ) -> None:
     agent = await fake_agent(behaviour=Behaviour(hang_on="guest-file-read"))
-    client = client_for(agent, timeout=0.2)
+    client = client_for(transport_to, agent, timeout=0.2)
     with pytest.raises(AgentTimeout):
         await client.read_file("/proc/buddyinfo", limit=4096)
     assert len(agent.open_handles) == 1  # nothing could close it: the agent hangs

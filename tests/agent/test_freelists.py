@@ -10,8 +10,7 @@ from daemon.agent.errors import GuestDataRejected
 from daemon.agent.freelists import FREE_SLACK_MIN, build_free_lists, free_slack_bytes
 from daemon.agent.procfs import REPORTING_INACTIVE, MigrateFree, PageTypeInfo, parse_pagetypeinfo
 from daemon.model.constants import NR_PAGE_ORDERS, PAGE_SIZE
-from tests.agent.fake_agent import GUEST_6_1, RAM_512M
-from tests.agent.test_procfs import HOST_6_18, buddyinfo_line, text
+from tests.agent.fake_agent import GUEST_6_1, HOST_6_18, RAM_512M, buddyinfo_line, text
 
 MIB = 1024 * 1024
 

@@ -20,18 +20,7 @@ from daemon.agent.procfs import (
     parse_reporting_order,
 )
 from daemon.model.constants import MAX_PAGE_ORDER, NR_PAGE_ORDERS
-from tests.agent.fake_agent import GUEST_6_1, sample
-
-HOST_6_18 = "linux-6.18-host"
-
-
-def text(kernel: str, name: str) -> str:
-    return sample(kernel, name).decode()
-
-
-def buddyinfo_line(node: int, zone: str, counts: list[int] | tuple[int, ...]) -> str:
-    # As mm/vmstat.c frag_show_print prints it: "Node %d, zone %8s ", then "%6lu " per order.
-    return f"Node {node}, zone {zone:>8s} " + "".join(f"{c:6d} " for c in counts) + "\n"
+from tests.agent.fake_agent import GUEST_6_1, HOST_6_18, buddyinfo_line, text
 
 
 def test_the_test_guests_buddyinfo() -> None:

@@ -13,8 +13,7 @@ import pytest
 from daemon.agent.freelists import FreeLists, build_free_lists
 from daemon.agent.procfs import REPORTING_INACTIVE, REPORTING_ORDER
 from daemon.agent.reader import AgentProblem, AgentReader, ReaderConfig
-from daemon.agent.transport import SocketTransport
-from tests.agent.conftest import StartAgent
+from tests.agent.conftest import StartAgent, TransportTo
 from tests.agent.fake_agent import (
     COMMANDS_7_2,
     GUEST_6_1,
@@ -35,10 +34,14 @@ class Clock:
 
 
 def reader_for(
-    path: Path, clock: Clock, config: ReaderConfig | None = None, **timeouts: float
+    transport_to: TransportTo,
+    path: Path,
+    clock: Clock,
+    config: ReaderConfig | None = None,
+    **timeouts: float,
 ) -> AgentReader:
     config = config or ReaderConfig(command_timeout=0.5, budget=3.0)
-    transport = SocketTransport(path, connect_timeout=timeouts.get("connect", 0.5))
+    transport = transport_to(path, connect_timeout=timeouts.get("connect", 0.5))
     return AgentReader(transport, config, name="vm1", clock=clock, wall=clock)
 
 
@@ -46,9 +49,11 @@ def opened(agent: FakeAgent) -> int:
     return agent.commands.count("guest-file-open")
 
 
-async def test_a_read_is_the_guests_free_lists(fake_agent: StartAgent) -> None:
+async def test_a_read_is_the_guests_free_lists(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
-    reader = reader_for(agent.path, Clock())
+    reader = reader_for(transport_to, agent.path, Clock())
     lists = await reader.read(RAM_512M)
     assert isinstance(lists, FreeLists)
     expected = build_free_lists(
@@ -65,11 +70,13 @@ async def test_a_read_is_the_guests_free_lists(fake_agent: StartAgent) -> None:
     await reader.close()
 
 
-async def test_what_is_cached_and_for_how_long(fake_agent: StartAgent) -> None:
+async def test_what_is_cached_and_for_how_long(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
     clock = Clock()
     config = ReaderConfig(order_ttl=60.0, info_ttl=600.0)
-    reader = reader_for(agent.path, clock, config)
+    reader = reader_for(transport_to, agent.path, clock, config)
     assert isinstance(await reader.read(RAM_512M), FreeLists)
     assert isinstance(await reader.read(RAM_512M), FreeLists)
     # The second read: buddyinfo and meminfo only (guest-info and the order are cached).
@@ -85,10 +92,12 @@ async def test_what_is_cached_and_for_how_long(fake_agent: StartAgent) -> None:
     await reader.close()
 
 
-async def test_optional_parts_become_problems_not_failures(fake_agent: StartAgent) -> None:
+async def test_optional_parts_become_problems_not_failures(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
     del agent.files[REPORTING_ORDER]  # a kernel without page_reporting_order
-    reader = reader_for(agent.path, Clock(), ReaderConfig(pagetypeinfo=True))
+    reader = reader_for(transport_to, agent.path, Clock(), ReaderConfig(pagetypeinfo=True))
     lists = await reader.read(RAM_512M)
     assert isinstance(lists, FreeLists)
     assert lists.reporting_order is None and lists.reporting_active is None
@@ -98,17 +107,19 @@ async def test_optional_parts_become_problems_not_failures(fake_agent: StartAgen
 
     agent.files[REPORTING_ORDER] = b"11\n"  # no reporting device registered (Linux 6.1)
     del agent.files["/proc/pagetypeinfo"]
-    reader = reader_for(agent.path, Clock(), ReaderConfig(pagetypeinfo=True))
+    reader = reader_for(transport_to, agent.path, Clock(), ReaderConfig(pagetypeinfo=True))
     lists = await reader.read(RAM_512M)
     assert isinstance(lists, FreeLists)
     assert lists.reporting_order == REPORTING_INACTIVE and lists.reporting_active is False
     assert lists.migratetypes is None and "pagetypeinfo not used" in lists.problems[0]
 
 
-async def test_blocked_by_guest_info_is_not_retried_in_a_loop(fake_agent: StartAgent) -> None:
+async def test_blocked_by_guest_info_is_not_retried_in_a_loop(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(blocked=frozenset(RHEL_BLOCKED)))
     clock = Clock()
-    reader = reader_for(agent.path, clock, ReaderConfig(blocked_recheck=900.0))
+    reader = reader_for(transport_to, agent.path, clock, ReaderConfig(blocked_recheck=900.0))
     problem = await reader.read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "blocked"
     assert "guest-file-open, guest-file-read" in problem.reason
@@ -126,7 +137,9 @@ async def test_blocked_by_guest_info_is_not_retried_in_a_loop(fake_agent: StartA
     assert agent.commands[sent:] == ["guest-sync-delimited", "guest-info"]
 
 
-async def test_blocked_by_the_call_itself(fake_agent: StartAgent) -> None:
+async def test_blocked_by_the_call_itself(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     # guest-info claims everything is enabled, yet the open says "disabled".
     def all_enabled(_: dict[str, Any]) -> dict[str, Any]:
         commands = [{"name": c, "enabled": True, "success-response": True} for c in COMMANDS_7_2]
@@ -136,24 +149,26 @@ async def test_blocked_by_the_call_itself(fake_agent: StartAgent) -> None:
         blocked=frozenset({"guest-file-open"}), override={"guest-info": all_enabled}
     )
     agent = await fake_agent(behaviour=behaviour)
-    problem = await reader_for(agent.path, Clock()).read(RAM_512M)
+    problem = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "blocked"
     assert "guest-file-open is disabled" in problem.reason
 
 
-async def test_an_agent_without_a_file_command(fake_agent: StartAgent) -> None:
+async def test_an_agent_without_a_file_command(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(absent_commands=frozenset({"guest-file-close"})))
-    problem = await reader_for(agent.path, Clock()).read(RAM_512M)
+    problem = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "blocked"
     assert "guest-file-close" in problem.reason
 
 
 async def test_an_absent_agent_backs_off_and_recovers(
-    fake_agent: StartAgent, sockdir: Path
+    fake_agent: StartAgent, sockdir: Path, transport_to: TransportTo
 ) -> None:
     clock = Clock()
     config = ReaderConfig(backoff_initial=5.0, backoff_max=30.0)
-    reader = reader_for(sockdir / "vm1.qga", clock, config)
+    reader = reader_for(transport_to, sockdir / "vm1.qga", clock, config)
     waits = []
     for _ in range(5):
         problem = await reader.read(RAM_512M)
@@ -172,32 +187,38 @@ async def test_an_absent_agent_backs_off_and_recovers(
     await reader.close()
 
 
-async def test_a_hung_agent_is_a_timeout(fake_agent: StartAgent) -> None:
+async def test_a_hung_agent_is_a_timeout(fake_agent: StartAgent, transport_to: TransportTo) -> None:
     agent = await fake_agent(behaviour=Behaviour(hang_on="guest-file-read"))
-    reader = reader_for(agent.path, Clock())
+    reader = reader_for(transport_to, agent.path, Clock())
     problem = await reader.read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "timeout"
     assert problem.reason == "guest-file-read: no reply within 0.5 s"
     assert problem.retry_at - problem.at == ReaderConfig().backoff_initial
 
 
-async def test_the_budget_bounds_a_slow_agent(fake_agent: StartAgent) -> None:
+async def test_the_budget_bounds_a_slow_agent(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     # Each reply comes in time for its own timeout, but all of them together do not.
     agent = await fake_agent(behaviour=Behaviour(delay=0.15))
     config = ReaderConfig(command_timeout=0.5, budget=0.6)
-    reader = reader_for(agent.path, Clock(), config, connect=0.5)
+    reader = reader_for(transport_to, agent.path, Clock(), config, connect=0.5)
     problem = await reader.read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "timeout"
     assert problem.reason == "the read took longer than 0.6 s"
     assert opened(agent) < 3
 
 
-async def test_a_hung_agent_delays_nothing_else(fake_agent: StartAgent) -> None:
+async def test_a_hung_agent_delays_nothing_else(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     hung = await fake_agent("hung", behaviour=Behaviour(answer=False))
     healthy = await fake_agent("healthy")
     clock = Clock()
-    hung_read = asyncio.create_task(reader_for(hung.path, clock, connect=2.0).read(RAM_512M))
-    healthy_read = asyncio.create_task(reader_for(healthy.path, clock).read(RAM_512M))
+    hung_read = asyncio.create_task(
+        reader_for(transport_to, hung.path, clock, connect=2.0).read(RAM_512M)
+    )
+    healthy_read = asyncio.create_task(reader_for(transport_to, healthy.path, clock).read(RAM_512M))
     done, _ = await asyncio.wait({hung_read, healthy_read}, return_when=asyncio.FIRST_COMPLETED)
     assert done == {healthy_read} and isinstance(healthy_read.result(), FreeLists)
     problem = await hung_read
@@ -205,12 +226,14 @@ async def test_a_hung_agent_delays_nothing_else(fake_agent: StartAgent) -> None:
     assert "no answer to guest-sync-delimited" in problem.reason
 
 
-async def test_a_lying_guest_is_rejected_and_tried_again(fake_agent: StartAgent) -> None:
+async def test_a_lying_guest_is_rejected_and_tried_again(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
     honest = agent.files["/proc/buddyinfo"]
     agent.files["/proc/buddyinfo"] = honest.replace(b"    98 \n", b"999999 \n")
     clock = Clock()
-    reader = reader_for(agent.path, clock)
+    reader = reader_for(transport_to, agent.path, clock)
     problem = await reader.read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "rejected"
     assert "more than the VM's 512.0 MiB of RAM" in problem.reason
@@ -223,23 +246,25 @@ async def test_a_lying_guest_is_rejected_and_tried_again(fake_agent: StartAgent)
     await reader.close()
 
 
-async def test_an_oversized_file_is_rejected(fake_agent: StartAgent) -> None:
+async def test_an_oversized_file_is_rejected(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent()
     agent.files["/proc/meminfo"] = b"MemTotal: 1 kB\n" * 2000  # 30 KB, the limit is 16 KiB
-    problem = await reader_for(agent.path, Clock()).read(RAM_512M)
+    problem = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "rejected"
     assert problem.reason == "/proc/meminfo is larger than 16384 bytes"
     assert agent.open_handles == {}
 
 
-async def test_a_bad_reply_backs_off(fake_agent: StartAgent) -> None:
+async def test_a_bad_reply_backs_off(fake_agent: StartAgent, transport_to: TransportTo) -> None:
     behaviour = Behaviour(override={"guest-info": lambda _: b"garbage\n"})
     agent = await fake_agent(behaviour=behaviour)
-    problem = await reader_for(agent.path, Clock()).read(RAM_512M)
+    problem = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
     assert isinstance(problem, AgentProblem) and problem.kind == "bad-reply"
     assert problem.retry_at > problem.at
 
 
-async def test_ram_must_be_known(sockdir: Path) -> None:
+async def test_ram_must_be_known(sockdir: Path, transport_to: TransportTo) -> None:
     with pytest.raises(ValueError):
-        await reader_for(sockdir / "x", Clock()).read(0)
+        await reader_for(transport_to, sockdir / "x", Clock()).read(0)

@@ -16,16 +16,16 @@ from daemon.agent.errors import (
     CommandBlocked,
     CommandFailed,
 )
-from daemon.agent.transport import MAX_STALE_BYTES, READ_LIMIT, SocketTransport
-from tests.agent.conftest import StartAgent
+from daemon.agent.transport import MAX_STALE_BYTES, READ_LIMIT
+from tests.agent.conftest import StartAgent, TransportTo
 from tests.agent.fake_agent import Behaviour
 
 FAST = {"connect_timeout": 0.5}
 
 
-async def test_a_command_after_the_sync(fake_agent: StartAgent) -> None:
+async def test_a_command_after_the_sync(fake_agent: StartAgent, transport_to: TransportTo) -> None:
     agent = await fake_agent()
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     assert await transport.command("guest-ping", None, 1.0) == {}
     info = await transport.command("guest-info", None, 1.0)
     assert info["version"] == "7.2.22"
@@ -48,50 +48,56 @@ async def test_a_command_after_the_sync(fake_agent: StartAgent) -> None:
     ids=["half-line", "id-less-error", "old-sync", "stray-sentinels", "huge-stale"],
 )
 async def test_the_sync_skips_what_an_earlier_client_left(
-    fake_agent: StartAgent, stale: bytes
+    fake_agent: StartAgent, stale: bytes, transport_to: TransportTo
 ) -> None:
     agent = await fake_agent(behaviour=Behaviour(stale_on_connect=stale))
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     assert await transport.command("guest-ping", None, 1.0) == {}
     await transport.close()
 
 
-async def test_endless_stale_data_gives_up(fake_agent: StartAgent) -> None:
+async def test_endless_stale_data_gives_up(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(stale_on_connect=b"y" * (MAX_STALE_BYTES + 2)))
-    transport = SocketTransport(agent.path, connect_timeout=5.0)
+    transport = transport_to(agent.path, connect_timeout=5.0)
     with pytest.raises(BadReply, match="no reply to guest-sync-delimited"):
         await transport.command("guest-ping", None, 1.0)
 
 
-async def test_no_socket(sockdir: Path) -> None:
-    transport = SocketTransport(sockdir / "missing.qga", **FAST)
+async def test_no_socket(sockdir: Path, transport_to: TransportTo) -> None:
+    transport = transport_to(sockdir / "missing.qga", **FAST)
     with pytest.raises(AgentUnavailable, match="does not exist") as caught:
         await transport.command("guest-ping", None, 1.0)
     assert caught.value.kind == "absent"
 
 
-async def test_nothing_listening(sockdir: Path) -> None:
+async def test_nothing_listening(sockdir: Path, transport_to: TransportTo) -> None:
     path = sockdir / "dead.qga"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind(str(path))  # a socket file left behind by a QEMU that is gone
-    transport = SocketTransport(path, **FAST)
+    transport = transport_to(path, **FAST)
     with pytest.raises(AgentUnavailable, match="nothing listens"):
         await transport.command("guest-ping", None, 1.0)
 
 
-async def test_an_agent_that_never_answers(fake_agent: StartAgent) -> None:
+async def test_an_agent_that_never_answers(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     # QEMU accepts the connection whether or not qemu-ga runs in the guest.
     agent = await fake_agent(behaviour=Behaviour(answer=False))
-    transport = SocketTransport(agent.path, connect_timeout=0.3)
+    transport = transport_to(agent.path, connect_timeout=0.3)
     with pytest.raises(AgentTimeout, match="qemu-ga not running in the guest, hung") as caught:
         await transport.command("guest-ping", None, 1.0)
     assert caught.value.kind == "timeout"
     assert not transport.connected
 
 
-async def test_a_late_reply_is_never_taken_for_the_next_one(fake_agent: StartAgent) -> None:
+async def test_a_late_reply_is_never_taken_for_the_next_one(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(delay=0.4))
-    transport = SocketTransport(agent.path, connect_timeout=2.0)
+    transport = transport_to(agent.path, connect_timeout=2.0)
     with pytest.raises(AgentTimeout, match=r"guest-info: no reply within 0\.2 s"):
         await transport.command("guest-info", None, 0.2)
     agent.behaviour.delay = 0.0
@@ -101,10 +107,12 @@ async def test_a_late_reply_is_never_taken_for_the_next_one(fake_agent: StartAge
     await transport.close()
 
 
-async def test_blocked_and_failed_commands(fake_agent: StartAgent) -> None:
+async def test_blocked_and_failed_commands(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     behaviour = Behaviour(blocked=frozenset({"guest-file-open"}))
     agent = await fake_agent(behaviour=behaviour)
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     with pytest.raises(CommandBlocked, match="disabled in the agent") as blocked:
         await transport.command("guest-file-open", {"path": "/proc/buddyinfo", "mode": "r"}, 1.0)
     assert blocked.value.command == "guest-file-open" and blocked.value.kind == "blocked"
@@ -129,10 +137,10 @@ async def test_blocked_and_failed_commands(fake_agent: StartAgent) -> None:
     ids=["not-json", "not-an-object", "over-the-limit", "not-utf8"],
 )
 async def test_replies_that_break_the_protocol(
-    fake_agent: StartAgent, reply: bytes, why: str
+    fake_agent: StartAgent, reply: bytes, why: str, transport_to: TransportTo
 ) -> None:
     agent = await fake_agent(behaviour=Behaviour(override={"guest-ping": lambda _: reply}))
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     with pytest.raises(BadReply, match=why):
         await transport.command("guest-ping", None, 1.0)
     # A fresh connection (with its own sync) serves the next command.
@@ -142,11 +150,11 @@ async def test_replies_that_break_the_protocol(
 
 
 async def test_stray_lines_are_dropped_and_a_flood_ends_the_connection(
-    fake_agent: StartAgent,
+    fake_agent: StartAgent, transport_to: TransportTo
 ) -> None:
     stray = b'{"error": {"class": "GenericError", "desc": "stray"}}\n{"return": 1, "id": "old"}\n'
     agent = await fake_agent(behaviour=Behaviour(before_reply=stray))
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     for _ in range(4):  # 8 stray lines: tolerated
         assert await transport.command("guest-ping", None, 1.0) == {}
     assert transport.connected and agent.connections == 1
@@ -167,17 +175,21 @@ async def test_stray_lines_are_dropped_and_a_flood_ends_the_connection(
     await transport.close()
 
 
-async def test_the_agent_hangs_up_mid_command(fake_agent: StartAgent) -> None:
+async def test_the_agent_hangs_up_mid_command(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(hangup_on="guest-info"))
-    transport = SocketTransport(agent.path, **FAST)
+    transport = transport_to(agent.path, **FAST)
     with pytest.raises(AgentUnavailable, match="closed the connection"):
         await transport.command("guest-info", None, 1.0)
     assert not transport.connected
 
 
-async def test_a_cancelled_command_leaves_the_transport_usable(fake_agent: StartAgent) -> None:
+async def test_a_cancelled_command_leaves_the_transport_usable(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
     agent = await fake_agent(behaviour=Behaviour(delay=0.5))
-    transport = SocketTransport(agent.path, connect_timeout=2.0)
+    transport = transport_to(agent.path, connect_timeout=2.0)
     task = asyncio.create_task(transport.command("guest-info", None, 5.0))
     await asyncio.sleep(0.2)
     task.cancel()
