@@ -167,7 +167,8 @@ class AgentReader:
             hold = cfg.blocked_recheck
         else:
             hold = min(cfg.backoff_max, cfg.backoff_initial * 2.0**self._failures)
-            self._failures += 1
+            # Capped so that 2.0**failures never overflows, however long the agent is away.
+            self._failures = min(self._failures + 1, 64)
         if exc.kind != "rejected":
             # The agent may come back restarted or reconfigured: ask it afresh.
             self._info = None

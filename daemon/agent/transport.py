@@ -116,7 +116,12 @@ class _AgentQMPClient(QMPClient):
                 continue
             except asyncio.IncompleteReadError:
                 raise EOFError from None
-            line = await self._reader.readline()
+            try:
+                line = await self._reader.readline()
+            except ValueError:
+                # A line over the read limit behind a stray 0xFF: not the sync reply.
+                skipped += self.readbuflen
+                continue
             skipped += len(line)
             with contextlib.suppress(ValueError):
                 if json.loads(line) == {"return": token}:
@@ -241,8 +246,12 @@ class SocketTransport:
             await self._drop()
         if self._client is not None:
             return self._client
-        client = _AgentQMPClient(self.name, self.read_limit)
         where = f"agent socket {self.path}"
+        if not self.path.exists():
+            # The usual state of a VM without an agent channel: say so without qemu.qmp's
+            # error log of a failed connect on every attempt.
+            raise AgentUnavailable(f"{where} does not exist")
+        client = _AgentQMPClient(self.name, self.read_limit)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await client.connect(str(self.path))

@@ -178,6 +178,10 @@ async def test_an_absent_agent_backs_off_and_recovers(
         waits.append(problem.retry_at - problem.at)
         clock.now = problem.retry_at
     assert waits == [5.0, 10.0, 20.0, 30.0, 30.0]
+    for _ in range(1100):  # days of absence: the backoff stays at its maximum
+        problem = await reader.read(RAM_512M)
+        assert isinstance(problem, AgentProblem) and problem.retry_at - problem.at == 30.0
+        clock.now = problem.retry_at
     agent = await fake_agent("vm1")  # the VM's agent comes up
     assert isinstance(await reader.read(RAM_512M), FreeLists)
     await agent.stop()  # and goes away again: the backoff starts over

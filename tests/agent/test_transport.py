@@ -44,8 +44,9 @@ async def test_a_command_after_the_sync(fake_agent: StartAgent, transport_to: Tr
         b'\xff{"return": 12345}\n',  # an earlier client's sync reply
         b"\xff\xff garbage \xff\n\xff{not json}\n",
         b"x" * (3 * READ_LIMIT),  # more than a line may hold, and no newline
+        b"\xff" + b"z" * (2 * READ_LIMIT) + b"\n",  # the same behind a stray sentinel
     ],
-    ids=["half-line", "id-less-error", "old-sync", "stray-sentinels", "huge-stale"],
+    ids=["half-line", "id-less-error", "old-sync", "stray-sentinels", "huge-stale", "huge-line"],
 )
 async def test_the_sync_skips_what_an_earlier_client_left(
     fake_agent: StartAgent, stale: bytes, transport_to: TransportTo
