@@ -100,57 +100,55 @@ free_mib() {
 	done
 }
 
-# The /dev/vportNpM whose virtio-serial port the host named org.qemu.guest_agent.0 (no udev,
-# so no /dev/virtio-ports/ symlink). The host names its ports shortly after virtio_console
-# binds, so wait a little when a virtio-serial device is there.
+# Sets $port to the /dev/vportNpM whose virtio-serial port the host named
+# org.qemu.guest_agent.0 (no udev, so no /dev/virtio-ports/ symlink). The host names its ports
+# shortly after virtio_console binds, so wait up to 5 s when a virtio-serial device is there.
+# Globs and shell builtins only: under TCG every forked process costs tens of milliseconds.
 agent_port() {
-	ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep -q '^virtio' || return 1
+	port=
+	bound=
+	set +f
+	for dev in /sys/bus/virtio/drivers/virtio_console/virtio*; do [ -e "$dev" ] && bound=1; done
 	tries=0
-	while [ "$tries" -lt 50 ]; do
-		for port in $(ls /sys/class/virtio-ports 2>/dev/null); do
-			if [ "$(cat "/sys/class/virtio-ports/$port/name" 2>/dev/null)" = "$AGENT_PORT_NAME" ]; then
-				echo "/dev/$port"
-				return 0
-			fi
+	while [ -n "$bound" ] && [ -z "$port" ] && [ "$tries" -lt 50 ]; do
+		for dir in /sys/class/virtio-ports/vport*; do
+			name=
+			[ -r "$dir/name" ] && read -r name <"$dir/name"
+			[ "$name" = "$AGENT_PORT_NAME" ] && port=/dev/${dir##*/}
 		done
+		[ -n "$port" ] || sleep 0.1
 		tries=$((tries + 1))
-		sleep 0.1
 	done
-	return 1
+	set -f
+	[ -n "$port" ]
 }
 
+# Sets $pid to qemu-ga's pid; fails when it is not running.
 agent_pid() {
-	pid=$(cat $AGENT_PIDFILE 2>/dev/null)
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
-
-agent_state() {
-	pid=$(agent_pid) || { echo stopped; return; }
-	case "$(cat "/proc/$pid/stat" 2>/dev/null)" in
-	*") T "*) echo paused ;;
-	*) echo running ;;
-	esac
+	pid=
+	[ -r $AGENT_PIDFILE ] && read -r pid <$AGENT_PIDFILE
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
 # start_agent [BLOCKED-RPCS]: qemu-ga on the agent port, as a daemon; on failure $err says why.
 start_agent() {
-	if ! port=$(agent_port); then err="no virtio-serial port named $AGENT_PORT_NAME"; return 1; fi
+	if ! agent_port; then err="no virtio-serial port named $AGENT_PORT_NAME"; return 1; fi
 	rm -f $AGENT_PIDFILE
-	# -d forks, and the child writes the pidfile, then opens the port (it exits if it cannot).
+	# -d: the parent exits at once; the child writes the pidfile, then opens the port.
 	$AGENT -m virtio-serial -p "$port" -t /run -f $AGENT_PIDFILE -l $AGENT_LOG -d \
 		${1:+--block-rpcs=$1} 3<&- || { err="qemu-ga exited with $?"; return 1; }
 	tries=0
-	while [ "$tries" -lt 30 ]; do
-		agent_pid >/dev/null && { sleep 0.2; agent_pid >/dev/null && return 0; }
+	while [ "$tries" -lt 100 ]; do
+		agent_pid && return 0
 		tries=$((tries + 1))
-		sleep 0.1
+		sleep 0.05
 	done
 	err="qemu-ga is not running (see $AGENT_LOG)"
 	return 1
 }
 
 stop_agent() {
-	pid=$(agent_pid) || return 0
+	agent_pid || return 0
 	kill -CONT "$pid"
 	kill "$pid"
 	tries=0
@@ -162,7 +160,15 @@ stop_agent() {
 }
 
 agent_fields() {
-	echo "state=$(agent_state) pid=$(agent_pid || echo none) blocked=${agent_blocked:-none}"
+	state=stopped
+	if agent_pid; then
+		{ read -r stat <"/proc/$pid/stat"; } 2>/dev/null
+		case "$stat" in
+		*") T "*) state=paused ;;
+		*) state=running ;;
+		esac
+	fi
+	echo "state=$state pid=${pid:-none} blocked=${agent_blocked:-none}"
 }
 
 # One line of /proc/buddyinfo per zone as "NODE:ZONE=c0,c1,...": read by the shell itself, so
@@ -230,7 +236,7 @@ handle() {
 			;;
 		stop) stop_agent; echo "OK agent $(agent_fields)" ;;
 		pause | resume)
-			if pid=$(agent_pid); then
+			if agent_pid; then
 				if [ "$2" = pause ]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi
 				echo "OK agent $(agent_fields)"
 			else
@@ -345,10 +351,10 @@ mkdir -p /run
 agent_blocked=$(param reclaimd.agent_block)
 if [ -n "$(param reclaimd.noagent)" ]; then
 	say "agent skipped (reclaimd.noagent)"
-elif ! agent_port >/dev/null; then
-	say "agent none (no virtio-serial port named $AGENT_PORT_NAME)"
 elif start_agent "$agent_blocked"; then
-	say "agent started pid=$(agent_pid) blocked=${agent_blocked:-none}"
+	say "agent started pid=$pid blocked=${agent_blocked:-none}"
+elif [ -z "$port" ]; then
+	say "agent none (no virtio-serial port named $AGENT_PORT_NAME)"
 else
 	say "agent FAILED: $err"
 fi
