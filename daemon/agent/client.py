@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from daemon.agent.errors import (
     AgentUnavailable,
     BadReply,
     CommandFailed,
+    ConnectionDropped,
     GuestDataRejected,
     one_line,
 )
@@ -88,6 +89,14 @@ def _decode_chunk(path: str, reply: Any, asked: int) -> tuple[bytes, bool]:
     return data, eof
 
 
+def _raise_first(results: list[Any]) -> None:
+    """Raise the first error in ``results``, preferring one that says what went wrong over a
+    command that only saw the connection dropped under it."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, ConnectionDropped)), errors[0])
+
+
 class AgentClient:
     """The commands reclaimd sends to one guest agent, over any ``AgentTransport``.
 
@@ -113,23 +122,49 @@ class AgentClient:
         larger than ``limit`` bytes. The handle is always closed: at once, or on a later read
         when the read was cut short by a timeout or a lost connection.
         """
-        if limit < 0 or chunk < 1:
-            raise ValueError(f"limit={limit}, chunk={chunk}")
+        (data,) = await self.read_files([(path, limit)], chunk=chunk)
+        return data
+
+    async def read_files(
+        self, files: Sequence[tuple[str, int]], *, chunk: int = READ_CHUNK
+    ) -> list[bytes]:
+        """The contents of several guest files, ``(path, limit)`` each, read at nearly the same
+        moment: all are opened first, then their reads are sent together, so the agent reads
+        them back to back (one file's content is as old as the next one's, to within one
+        reply). Fails as a whole, with the first file's error; every handle is closed."""
+        if not files or chunk < 1 or any(limit < 0 for _, limit in files):
+            raise ValueError(f"files={files!r}, chunk={chunk}")
         await self._close_orphans()
+        opened = await asyncio.gather(
+            *(self._open(path) for path, _ in files), return_exceptions=True
+        )
+        handles = [h for h in opened if isinstance(h, int)]
+        try:
+            _raise_first(opened)
+            contents = await asyncio.gather(
+                *(
+                    self._read_all(path, handle, limit, chunk)
+                    for (path, limit), handle in zip(files, handles, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            _raise_first(contents)
+        except (AgentTimeout, AgentUnavailable, asyncio.CancelledError):
+            # The connection is gone or out of step: close the handles on the next read.
+            for handle in handles:
+                self._orphan(handle)
+            raise
+        except Exception:
+            await self._close(handles)
+            raise
+        await self._close(handles)
+        return [c for c in contents if isinstance(c, bytes)]
+
+    async def _open(self, path: str) -> int:
         handle = await self._command("guest-file-open", {"path": path, "mode": "r"})
         if type(handle) is not int or handle < 0:
             raise BadReply(f"guest-file-open {path}: the handle is not a non-negative integer")
-        try:
-            data = await self._read_all(path, handle, limit, chunk)
-        except (AgentTimeout, AgentUnavailable, asyncio.CancelledError):
-            # The connection is gone or out of step: close the handle on the next read.
-            self._orphan(handle)
-            raise
-        except Exception:
-            await self._close(handle)
-            raise
-        await self._close(handle)
-        return data
+        return handle
 
     async def _read_all(self, path: str, handle: int, limit: int, chunk: int) -> bytes:
         data = bytearray()
@@ -145,13 +180,20 @@ class AgentClient:
             if eof or not piece:
                 return bytes(data)
 
-    async def _close(self, handle: int) -> None:
-        try:
-            await self._command("guest-file-close", {"handle": handle})
-        except (AgentTimeout, AgentUnavailable):
-            self._orphan(handle)
-        except (CommandFailed, BadReply):
-            pass  # the agent answered: the handle is closed, or was never valid
+    async def _close(self, handles: list[int]) -> None:
+        results = await asyncio.gather(
+            *(self._command("guest-file-close", {"handle": h}) for h in handles),
+            return_exceptions=True,
+        )
+        for handle, result in zip(handles, results, strict=True):
+            if isinstance(result, AgentTimeout | AgentUnavailable):
+                self._orphan(handle)
+            elif isinstance(result, BaseException) and not isinstance(
+                result, CommandFailed | BadReply
+            ):
+                # Blocked (or cancelled): the agent does not let us close what we opened.
+                raise result
+            # CommandFailed, BadReply: the agent answered, so the handle is closed or gone.
 
     def _orphan(self, handle: int) -> None:
         if handle not in self._orphans:

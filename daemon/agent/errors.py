@@ -5,6 +5,8 @@
 
     AgentError                  kind
      +-- AgentUnavailable       "absent"     no socket, nothing listening, or the connection dropped
+     |    +-- ConnectionDropped              dropped under a command by an overlapping one's
+     |                                       failure (that failure is the one to report)
      +-- AgentTimeout           "timeout"    no answer in time: qemu-ga not running in the guest,
      |                                       hung, or another client holds the socket
      +-- CommandBlocked         "blocked"    the agent does not offer the command, or it is
@@ -55,6 +57,11 @@ class AgentUnavailable(AgentError):
     kind = "absent"
 
 
+class ConnectionDropped(AgentUnavailable):
+    """The connection was dropped while a command waited, because an overlapping command
+    failed; the overlapping command's error says why."""
+
+
 class AgentTimeout(AgentError):
     """The agent did not answer within the time allowed."""
 
@@ -90,9 +97,17 @@ class BadReply(AgentError):
 
 
 class GuestDataRejected(AgentError):
-    """A file the guest handed over is not what that file can honestly contain."""
+    """A file the guest handed over is not what that file can honestly contain.
+
+    ``transient``: files that disagree with each other, which an honest guest can show for a
+    moment (memory moved between two reads); worth one more read at once.
+    """
 
     kind = "rejected"
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 def command_error(command: str, error_class: str, desc: str) -> CommandBlocked | CommandFailed:

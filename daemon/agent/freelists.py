@@ -11,7 +11,10 @@ rejects (``GuestDataRejected``) what an honest guest cannot print:
   on the per-CPU lists (those are free too, but neither file nor free page reporting sees
   them). They differ by the per-CPU vmstat deltas not yet folded into NR_FREE_PAGES (up to 125
   pages per CPU and zone), free pages in isolated pageblocks (memory offlining, virtio-mem
-  unplug), and what moved between the two reads, which are a few milliseconds apart.
+  unplug), and what moved between the two reads. The reader has the agent read both files
+  back to back; even so a batch of free page reporting (up to 32 blocks of 4 MiB taken off
+  the lists and put back) can fall between them, so this rejection is ``transient`` and the
+  reader reads once more before it gives up.
 
 Orders past MAX_PAGE_ORDER, negative or non-numeric counts, oversized files and absurd line
 counts are refused by the parsers (``daemon.agent.procfs``).
@@ -48,8 +51,9 @@ def free_slack_bytes(mem_total_bytes: int) -> int:
 class FreeLists:
     """The guest's free memory split by order, from its own ``/proc/buddyinfo``.
 
-    ``at``: epoch seconds when the buddyinfo content arrived (the other files were read within
-    ``span`` seconds of it: buddyinfo first, then meminfo, the others after).
+    ``at``: epoch seconds when the buddyinfo and meminfo contents arrived (the agent read them
+    one right after the other); ``span``: seconds from the start of the read (after
+    guest-info) to ``at``, within which the reporting order and pagetypeinfo were read.
     ``by_order_pages[order]``: free pages in blocks of that order, all zones together, for
     orders 0..MAX_PAGE_ORDER. ``zones``: the per-zone block counts behind it.
     ``reporting_order``: the guest's ``page_reporting_order`` (0..MAX_PAGE_ORDER), or
@@ -131,7 +135,8 @@ def build_free_lists(
     if abs(free - mem_free) > slack:
         raise GuestDataRejected(
             f"buddyinfo lists {_mib(free)} free but meminfo says MemFree {_mib(mem_free)}: "
-            f"apart by more than {_mib(slack)}"
+            f"apart by more than {_mib(slack)}",
+            transient=True,
         )
     if migratetypes is not None:
         typed = sum(

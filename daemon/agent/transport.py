@@ -34,7 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
+from qemu.qmp import (
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+)
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.message import DeserializationError, UnexpectedTypeError
 
@@ -43,6 +50,7 @@ from daemon.agent.errors import (
     AgentTimeout,
     AgentUnavailable,
     BadReply,
+    ConnectionDropped,
     command_error,
 )
 
@@ -182,6 +190,9 @@ def _stream_error(what: str, exc: BaseException, read_limit: int) -> AgentError:
         if isinstance(link, ProtocolError):
             return BadReply(f"{what}: {type(link).__name__}: {link}")
     root = chain[-1]
+    if isinstance(root, ExecInterruptedError):
+        # Dropped under it, by an overlapping command's timeout or protocol error.
+        return ConnectionDropped(f"{what}: the connection was dropped while it waited")
     if isinstance(root, EOFError):
         return AgentUnavailable(f"{what}: the agent socket closed the connection")
     if isinstance(root, ValueError) and "limit" in str(root):
@@ -194,7 +205,8 @@ def _stream_error(what: str, exc: BaseException, read_limit: int) -> AgentError:
 
 class SocketTransport:
     """The agent behind one Unix socket, held open between commands and reopened (with a
-    resync) after any trouble. One command at a time; safe to share between tasks."""
+    resync) after any trouble. Commands may overlap (they are pipelined on the connection and
+    the agent runs them in order); safe to share between tasks."""
 
     def __init__(
         self,
@@ -218,32 +230,32 @@ class SocketTransport:
     async def command(
         self, name: str, arguments: Mapping[str, object] | None, timeout: float
     ) -> Any:
-        async with self._lock:
+        async with self._lock:  # one connect at a time; commands may then overlap
             client = await self._connected()
-            try:
-                async with asyncio.timeout(timeout):
-                    return await client.execute(name, dict(arguments) if arguments else None)
-            except TimeoutError:
-                await self._drop()
-                raise AgentTimeout(f"{name}: no reply within {timeout:g} s") from None
-            except ExecuteError as exc:
-                raise command_error(name, exc.error_class, str(exc)) from None
-            except (QMPError, OSError, EOFError, ValueError) as exc:
-                # The reader's own error (EOF, bad JSON, a line over the limit) is the cause.
-                cause = await self._drop()
-                raise _stream_error(name, cause or exc, self.read_limit) from None
-            except BaseException:
-                # Cancelled mid-command: a reply may still come, so the stream is out of step.
-                self._abandon()
-                raise
+        try:
+            async with asyncio.timeout(timeout):
+                return await client.execute(name, dict(arguments) if arguments else None)
+        except TimeoutError:
+            await self._drop(client)
+            raise AgentTimeout(f"{name}: no reply within {timeout:g} s") from None
+        except ExecuteError as exc:
+            raise command_error(name, exc.error_class, str(exc)) from None
+        except (QMPError, OSError, EOFError, ValueError) as exc:
+            # The reader's own error (EOF, bad JSON, a line over the limit) is the cause.
+            cause = await self._drop(client)
+            raise _stream_error(name, cause or exc, self.read_limit) from None
+        except BaseException:
+            # Cancelled mid-command: a reply may still come, so the stream is out of step.
+            self._abandon(client)
+            raise
 
     async def close(self) -> None:
         async with self._lock:
-            await self._drop()
+            await self._drop(self._client)
 
     async def _connected(self) -> _AgentQMPClient:
         if self._client is not None and self._client.runstate != Runstate.RUNNING:
-            await self._drop()
+            await self._drop(self._client)
         if self._client is not None:
             return self._client
         where = f"agent socket {self.path}"
@@ -277,20 +289,23 @@ class SocketTransport:
         self._client = client
         return client
 
-    async def _drop(self) -> BaseException | None:
-        """Disconnect; returns the error that broke the connection, if one did."""
-        client, self._client = self._client, None
+    async def _drop(self, client: _AgentQMPClient | None) -> BaseException | None:
+        """Disconnect ``client`` (and forget it if it is the current one); returns the error
+        that broke the connection, if one did. Overlapping commands may drop the same client:
+        the second gets its error again, or None."""
         if client is None:
             return None
+        if client is self._client:
+            self._client = None
         return await _quiet_disconnect(client)
 
-    def _abandon(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            # Cannot await while being cancelled: disconnect in the background.
-            task = asyncio.get_running_loop().create_task(_quiet_disconnect(client))
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+    def _abandon(self, client: _AgentQMPClient) -> None:
+        if client is self._client:
+            self._client = None
+        # Cannot await while being cancelled: disconnect in the background.
+        task = asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
 
 _background: set[asyncio.Task[BaseException | None]] = set()

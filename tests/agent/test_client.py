@@ -155,3 +155,32 @@ async def test_a_handle_cut_off_by_a_timeout_is_closed_on_the_next_read(
     # The orphan was closed first, on the new connection, before the next open.
     tail = agent.commands[agent.commands.index("guest-sync-delimited", 1) :]
     assert tail[:3] == ["guest-sync-delimited", "guest-file-close", "guest-file-open"]
+
+
+async def test_files_read_together_are_read_back_to_back(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
+    agent = await fake_agent(files={"/a": b"A" * 10, "/b": b"B" * 20})
+    client = client_for(transport_to, agent)
+    assert await client.read_files([("/a", 100), ("/b", 100)]) == [b"A" * 10, b"B" * 20]
+    # Opens, then both reads one after the other, then closes: nothing between the reads.
+    assert agent.commands[1:] == [
+        "guest-file-open",
+        "guest-file-open",
+        "guest-file-read",
+        "guest-file-read",
+        "guest-file-close",
+        "guest-file-close",
+    ]
+    assert agent.open_handles == {}
+
+
+async def test_one_missing_file_fails_the_read_and_closes_the_other(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
+    agent = await fake_agent(files={"/a": b"A"})
+    client = client_for(transport_to, agent)
+    with pytest.raises(CommandFailed, match="'/missing'"):
+        await client.read_files([("/a", 100), ("/missing", 100)])
+    assert agent.open_handles == {}
+    assert "guest-file-read" not in agent.commands

@@ -4,6 +4,7 @@ off, and that a hung, blocked, absent or lying agent is a reason and never a sta
 from __future__ import annotations
 
 import asyncio
+from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,42 @@ async def test_a_bad_reply_backs_off(fake_agent: StartAgent, transport_to: Trans
 async def test_ram_must_be_known(sockdir: Path, transport_to: TransportTo) -> None:
     with pytest.raises(ValueError):
         await reader_for(transport_to, sockdir / "x", Clock()).read(0)
+
+
+def lie_once_about_memfree(agent: FakeAgent, times: int) -> None:
+    """The first ``times`` meminfo reads show a MemFree 200 MiB below the buddy lists, as when
+    a batch of free page reporting falls between two reads."""
+    honest = agent.files["/proc/meminfo"].decode()
+    free_kib = int(honest.split("MemFree:")[1].split()[0])
+    moved = honest.replace(f"{free_kib} kB", f"{free_kib - 200 * 1024} kB", 1).encode()
+    served = []
+
+    def meminfo(args: dict[str, Any]) -> dict[str, Any] | None:
+        path, _ = agent.open_handles[args["handle"]]
+        if path != "/proc/meminfo" or len(served) == times:
+            return None
+        served.append(path)
+        return {"return": {"count": len(moved), "buf-b64": b64encode(moved).decode(), "eof": True}}
+
+    agent.behaviour.override["guest-file-read"] = meminfo
+
+
+async def test_files_that_disagree_for_a_moment_are_read_again_at_once(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
+    agent = await fake_agent()
+    lie_once_about_memfree(agent, times=1)
+    lists = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
+    assert isinstance(lists, FreeLists)
+    assert agent.commands.count("guest-file-open") == 1 + 2 + 2  # order, then two attempts
+
+
+async def test_files_that_keep_disagreeing_are_rejected(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
+    agent = await fake_agent()
+    lie_once_about_memfree(agent, times=2)
+    problem = await reader_for(transport_to, agent.path, Clock()).read(RAM_512M)
+    assert isinstance(problem, AgentProblem) and problem.kind == "rejected"
+    assert "but meminfo says MemFree" in problem.reason
+    assert agent.commands.count("guest-file-open") == 1 + 2 + 2

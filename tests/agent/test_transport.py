@@ -200,3 +200,14 @@ async def test_a_cancelled_command_leaves_the_transport_usable(
     assert await transport.command("guest-ping", None, 1.0) == {}
     assert agent.connections == 2
     await transport.close()
+
+
+async def test_overlapping_commands_share_one_connection(
+    fake_agent: StartAgent, transport_to: TransportTo
+) -> None:
+    agent = await fake_agent()
+    transport = transport_to(agent.path, **FAST)
+    names = ["guest-ping", "guest-info", "guest-ping", "guest-info"]
+    replies = await asyncio.gather(*(transport.command(n, None, 1.0) for n in names))
+    assert [r == {} for r in replies] == [True, False, True, False]
+    assert agent.connections == 1 and agent.commands[1:] == names
