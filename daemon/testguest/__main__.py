@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-balloon-id", action="store_true", help="balloon device without an id")
     run.add_argument("--noballoon", action="store_true", help="guest does not load the driver")
     run.add_argument("--order", type=int, help="page_reporting.page_reporting_order")
+    run.add_argument(
+        "--no-agent-device", action="store_true", help="no virtio-serial port for the guest agent"
+    )
+    run.add_argument("--noagent", action="store_true", help="guest does not start qemu-ga")
+    run.add_argument(
+        "--agent-block",
+        metavar="RPCS",
+        help="qemu-ga --block-rpcs, e.g. guest-file-open,guest-file-read",
+    )
     qmp = run.add_mutually_exclusive_group()
     qmp.add_argument("--qmp", type=Path, help="QMP server socket QEMU listens on")
     qmp.add_argument("--qmp-connect", type=Path, help="socket of a listening daemon to connect to")
@@ -60,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
         balloon_id=None if args.no_balloon_id else "balloon0",
         noballoon=args.noballoon,
         page_reporting_order=args.order,
+        agent=not args.no_agent_device,
+        noagent=args.noagent,
+        agent_block_rpcs=tuple(args.agent_block.split(",")) if args.agent_block else (),
         qmp="client" if args.qmp_connect else "server",
         qmp_path=args.qmp_connect or args.qmp,
         accel=args.accel,
@@ -69,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"pid        {guest.pid}  ({guest.accel.reason})")
         print(f"qmp        {spec.qmp} {guest.qmp_path}")
         print(f"control    {guest.control_path}  (e.g. socat - UNIX-CONNECT:PATH)")
+        print(f"agent      {guest.agent_path or 'none'}")
         print(f"console    {guest.console_log}")
         guest.wait_for_console(r"^RECLAIMD-GUEST: ready", timeout=180)
         print("guest ready; Ctrl-C stops it", flush=True)

@@ -1,9 +1,10 @@
 """Build the test guest image (kernel + initramfs) once and keep it in a cache.
 
 The cache entry's name is a hash of every input (kernel package and version, the init script,
-busybox, the module list), so a changed input builds a new entry and an unchanged one is found
-without touching the network. An entry is built in a temporary directory and renamed into place,
-under a lock, so concurrent or aborted builds never leave a half-built entry behind.
+busybox, the guest agent and its libraries, the module list), so a changed input builds a new
+entry and an unchanged one is found without touching the network. An entry is built in a
+temporary directory and renamed into place, under a lock, so concurrent or aborted builds never
+leave a half-built entry behind.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 from daemon.testguest import kernel
+from daemon.testguest.agent import GUEST_PATH, AgentFiles, agent_files
 from daemon.testguest.errors import GuestBuildError
 from daemon.testguest.initramfs import Entry, gzip_initramfs
 
 # Bump when the image layout changes in a way the other inputs do not show.
-FORMAT = 1
+FORMAT = 2
 KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.gz"
 META_FILE = "image.json"
@@ -104,7 +106,7 @@ def find_busybox(path: Path | None = None) -> Path:
     )
 
 
-def cache_key(package: kernel.KernelPackage, busybox: bytes, init: bytes) -> str:
+def cache_key(package: kernel.KernelPackage, busybox: bytes, init: bytes, agent: AgentFiles) -> str:
     inputs = {
         "format": FORMAT,
         "kernel_package": package.name,
@@ -112,22 +114,34 @@ def cache_key(package: kernel.KernelPackage, busybox: bytes, init: bytes) -> str
         "modules": list(kernel.MODULES),
         "busybox_sha256": hashlib.sha256(busybox).hexdigest(),
         "init_sha256": hashlib.sha256(init).hexdigest(),
+        # The host's qemu-ga and every library it loads: a library update builds a new entry.
+        "agent_sha256": agent.digest(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def initramfs_entries(files: kernel.KernelFiles, busybox: bytes, init: bytes) -> list[Entry]:
-    entries = [
-        Entry.directory("bin"),
-        Entry.directory("dev"),
-        Entry.char_device("dev/console", 5, 1),
-        Entry.directory("lib"),
-        Entry.directory("lib/modules"),
-        Entry.file("bin/busybox", busybox, 0o755),
-        Entry.file("init", init, 0o755),
-        Entry.file("lib/modules/load-order", "".join(f"{m}\n" for m in kernel.MODULES).encode()),
-    ]
-    entries += [Entry.file(f"lib/modules/{m}.ko", files.modules[m]) for m in kernel.MODULES]
+def _directories(paths: list[str]) -> list[Entry]:
+    """Directory entries for every parent of ``paths``, parents first."""
+    parents: set[str] = set()
+    for path in paths:
+        parts = path.split("/")[:-1]
+        parents.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return [Entry.directory(d) for d in sorted(parents, key=lambda d: (d.count("/"), d))]
+
+
+def initramfs_entries(
+    files: kernel.KernelFiles, busybox: bytes, init: bytes, agent: AgentFiles
+) -> list[Entry]:
+    modules = [(f"lib/modules/{m}.ko", files.modules[m]) for m in kernel.MODULES]
+    load_order = "".join(f"{m}\n" for m in kernel.MODULES).encode()
+    plain = [("bin/busybox", busybox, 0o755), ("init", init, 0o755)]
+    plain += [("lib/modules/load-order", load_order, 0o644)]
+    plain += [(path, data, 0o644) for path, data in modules]
+    plain += [(GUEST_PATH, agent.binary, 0o755)]
+    plain += [(path, data, 0o755) for path, data in agent.libraries]
+    entries = _directories([p for p, _, _ in plain] + ["dev/console"])
+    entries.append(Entry.char_device("dev/console", 5, 1))
+    entries += [Entry.file(path, data, mode) for path, data, mode in plain]
     return entries
 
 
@@ -150,19 +164,23 @@ def build_image(
     *,
     kernel_package: str | None = None,
     busybox: Path | None = None,
+    qemu_ga: Path | None = None,
     rebuild: bool = False,
 ) -> GuestImage:
     """The guest image for the current inputs: from the cache when built before, else built now
     (one kernel package download, a few seconds).
 
     ``kernel_package`` pins a ``linux-image-*`` package instead of the one ``linux-image-amd64``
-    names. Raises ``GuestBuildError`` with what to install when apt or busybox-static is missing.
+    names. ``qemu_ga`` takes another guest agent binary than the host's (its libraries come
+    from ``ldd``). Raises ``GuestBuildError`` with what to install when apt, busybox-static or
+    qemu-guest-agent is missing.
     """
     cache_dir = cache_dir or default_cache_dir()
     package = kernel.resolve_kernel_package(kernel_package)
     busybox_bytes = find_busybox(busybox).read_bytes()
     init = init_script()
-    key = cache_key(package, busybox_bytes, init)
+    agent = agent_files(qemu_ga)
+    key = cache_key(package, busybox_bytes, init, agent)
     name = _entry_name(package, key)
     final = cache_dir / name
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +194,7 @@ def build_image(
         try:
             files = _fetch_kernel(package, work)
             (work / KERNEL_FILE).write_bytes(files.vmlinuz)
-            initrd = gzip_initramfs(initramfs_entries(files, busybox_bytes, init))
+            initrd = gzip_initramfs(initramfs_entries(files, busybox_bytes, init, agent))
             (work / INITRD_FILE).write_bytes(initrd)
             meta = {
                 "key": key,
@@ -184,6 +202,7 @@ def build_image(
                 "kernel_version": package.version,
                 "kernel_release": files.release,
                 "modules": list(kernel.MODULES),
+                "agent": ["/" + GUEST_PATH, *("/" + path for path, _ in agent.libraries)],
             }
             (work / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             os.chmod(work, 0o755)

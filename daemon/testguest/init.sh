@@ -1,6 +1,7 @@
 #!/bin/busybox sh
-# /init of the reclaimd test guest: loads the virtio modules, then runs the workload named on the
-# kernel command line (in the background) and serves line commands on the second serial port.
+# /init of the reclaimd test guest: loads the virtio modules, starts the QEMU guest agent, then
+# runs the workload named on the kernel command line (in the background) and serves line
+# commands on the second serial port.
 # Lines starting "RECLAIMD-GUEST: " on the console (ttyS0) are markers the host waits for.
 # Memory is allocated as files in a tmpfs: it shows in MemFree and also counts as Shmem.
 
@@ -20,6 +21,10 @@ CR=$(printf '\r')
 CTL=/alloc/ctl
 WL=/alloc/workload
 MODULES=/lib/modules
+AGENT=/usr/sbin/qemu-ga
+AGENT_PORT_NAME=org.qemu.guest_agent.0
+AGENT_PIDFILE=/run/qemu-ga.pid
+AGENT_LOG=/run/qemu-ga.log
 
 say() { echo "RECLAIMD-GUEST: $*"; }
 
@@ -95,6 +100,93 @@ free_mib() {
 	done
 }
 
+# Sets $port to the /dev/vportNpM whose virtio-serial port the host named
+# org.qemu.guest_agent.0 (no udev, so no /dev/virtio-ports/ symlink). The host names its ports
+# shortly after virtio_console binds, so wait up to 5 s when a virtio-serial device is there.
+# Globs and shell builtins only: under TCG every forked process costs tens of milliseconds.
+agent_port() {
+	port=
+	bound=
+	set +f
+	for dev in /sys/bus/virtio/drivers/virtio_console/virtio*; do [ -e "$dev" ] && bound=1; done
+	tries=0
+	while [ -n "$bound" ] && [ -z "$port" ] && [ "$tries" -lt 50 ]; do
+		for dir in /sys/class/virtio-ports/vport*; do
+			name=
+			[ -r "$dir/name" ] && read -r name <"$dir/name"
+			[ "$name" = "$AGENT_PORT_NAME" ] && port=/dev/${dir##*/}
+		done
+		[ -n "$port" ] || sleep 0.1
+		tries=$((tries + 1))
+	done
+	set -f
+	[ -n "$port" ]
+}
+
+# Sets $pid to qemu-ga's pid; fails when it is not running.
+agent_pid() {
+	pid=
+	[ -r $AGENT_PIDFILE ] && read -r pid <$AGENT_PIDFILE
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+
+# start_agent [BLOCKED-RPCS]: qemu-ga on the agent port, as a daemon; on failure $err says why.
+start_agent() {
+	if ! agent_port; then err="no virtio-serial port named $AGENT_PORT_NAME"; return 1; fi
+	rm -f $AGENT_PIDFILE
+	# -d: the parent exits at once; the child writes the pidfile, then opens the port.
+	$AGENT -m virtio-serial -p "$port" -t /run -f $AGENT_PIDFILE -l $AGENT_LOG -d \
+		${1:+--block-rpcs=$1} 3<&- || { err="qemu-ga exited with $?"; return 1; }
+	tries=0
+	while [ "$tries" -lt 100 ]; do
+		agent_pid && return 0
+		tries=$((tries + 1))
+		sleep 0.05
+	done
+	err="qemu-ga is not running (see $AGENT_LOG)"
+	return 1
+}
+
+stop_agent() {
+	agent_pid || return 0
+	kill -CONT "$pid"
+	kill "$pid"
+	tries=0
+	while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 50 ]; do
+		tries=$((tries + 1))
+		sleep 0.1
+	done
+	rm -f $AGENT_PIDFILE
+}
+
+agent_fields() {
+	state=stopped
+	if agent_pid; then
+		{ read -r stat <"/proc/$pid/stat"; } 2>/dev/null
+		case "$stat" in
+		*") T "*) state=paused ;;
+		*) state=running ;;
+		esac
+	fi
+	echo "state=$state pid=${pid:-none} blocked=${agent_blocked:-none}"
+}
+
+# One line of /proc/buddyinfo per zone as "NODE:ZONE=c0,c1,...": read by the shell itself, so
+# no process is forked (and no memory allocated) between the read and what the host compares.
+buddyinfo_line() {
+	out=
+	while read -r _ node _ zone counts; do
+		set -- $counts
+		old_ifs=$IFS
+		IFS=,
+		out="$out ${node%,}:$zone=$*"
+		IFS=$old_ifs
+	done </proc/buddyinfo
+	echo "OK buddyinfo$out"
+}
+
+is_guest_path() { case "$1" in /*) [ -e "$1" ] ;; *) return 1 ;; esac; }
+
 status_fields() {
 	echo "memtotal_kib=$(meminfo_kib MemTotal) memfree_kib=$(meminfo_kib MemFree)" \
 		"memavailable_kib=$(meminfo_kib MemAvailable) shmem_kib=$(meminfo_kib Shmem)" \
@@ -133,12 +225,51 @@ handle() {
 		echo 1 >/proc/sys/vm/compact_memory
 		echo "OK compact"
 		;;
+	buddyinfo) buddyinfo_line ;;
+	agent)
+		case "$2" in
+		status) echo "OK agent $(agent_fields)" ;;
+		start)
+			stop_agent
+			agent_blocked=$3
+			if start_agent "$3"; then echo "OK agent $(agent_fields)"; else echo "ERR agent $err"; fi
+			;;
+		stop) stop_agent; echo "OK agent $(agent_fields)" ;;
+		pause | resume)
+			if agent_pid; then
+				if [ "$2" = pause ]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi
+				echo "OK agent $(agent_fields)"
+			else
+				echo "ERR agent qemu-ga is not running"
+			fi
+			;;
+		*) echo "ERR agent expected status, start [BLOCKED-RPCS], stop, pause or resume" ;;
+		esac
+		;;
+	mask)
+		# mask PATH BASE64: the guest shows other content at PATH (a bind mount), as a tampered
+		# guest could; "unmask PATH" undoes it.
+		if ! is_guest_path "$2" || [ -z "$3" ]; then
+			echo "ERR mask expected an existing absolute path and base64 content"
+		else
+			seq=$(($(cat /alloc/mask.seq 2>/dev/null || echo 0) + 1))
+			echo "$seq" >/alloc/mask.seq
+			if echo "$3" | base64 -d >"/alloc/mask.$seq" 2>/dev/null && mount -o bind "/alloc/mask.$seq" "$2"; then
+				echo "OK mask $2"
+			else
+				echo "ERR mask cannot mask $2"
+			fi
+		fi
+		;;
+	unmask)
+		if is_guest_path "$2" && umount "$2" 2>/dev/null; then echo "OK unmask $2"; else echo "ERR unmask $2 is not masked"; fi
+		;;
 	poweroff)
 		echo "OK poweroff"
 		sleep 1
 		poweroff -f
 		;;
-	*) echo "ERR $1 unknown command (ping alloc free status drop_caches compact poweroff)" ;;
+	*) echo "ERR $1 unknown command (ping alloc free status drop_caches compact buddyinfo agent mask unmask poweroff)" ;;
 	esac
 }
 
@@ -215,6 +346,18 @@ if [ -n "$order" ] && [ "$(balloon_state)" = bound ] && [ "$(reporting_order)" !
 fi
 say "page_reporting_order=$(reporting_order)"
 say "balloon=$(balloon_state)"
+
+mkdir -p /run
+agent_blocked=$(param reclaimd.agent_block)
+if [ -n "$(param reclaimd.noagent)" ]; then
+	say "agent skipped (reclaimd.noagent)"
+elif start_agent "$agent_blocked"; then
+	say "agent started pid=$pid blocked=${agent_blocked:-none}"
+elif [ -z "$port" ]; then
+	say "agent none (no virtio-serial port named $AGENT_PORT_NAME)"
+else
+	say "agent FAILED: $err"
+fi
 
 mount -t tmpfs -o size=100% alloc /alloc
 mkdir -p $CTL $WL

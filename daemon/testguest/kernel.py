@@ -20,7 +20,8 @@ from daemon.testguest.errors import GuestBuildError
 METAPACKAGE = "linux-image-amd64"
 
 # Load order: each module after the ones it needs (checked against the modules' own "depends="
-# at build time). virtio_balloon brings free page reporting; virtio_mem only needs virtio.
+# at build time). virtio_balloon brings free page reporting; virtio_mem only needs virtio;
+# virtio_console (drivers/char/) drives the virtio-serial port the guest agent talks on.
 MODULES = (
     "virtio_ring",
     "virtio",
@@ -29,13 +30,14 @@ MODULES = (
     "virtio_pci",
     "virtio_balloon",
     "virtio_mem",
+    "virtio_console",
 )
 
 _IMAGE_DEPENDS = re.compile(
     r"\b(?P<name>linux-image-\d[\w.+-]*-amd64)\b(?:\s*\(=\s*(?P<version>[^)\s]+)\))?"
 )
 _MODULE_MEMBER = re.compile(
-    r"^\./(?:usr/)?lib/modules/(?P<release>[^/]+)/kernel/drivers/virtio/"
+    r"^\./(?:usr/)?lib/modules/(?P<release>[^/]+)/kernel/drivers/(?:virtio|char)/"
     r"(?P<name>\w+)\.ko(?P<xz>\.xz)?$"
 )
 _VMLINUZ_MEMBER = re.compile(r"^\./boot/vmlinuz-(?P<release>.+)$")
@@ -156,7 +158,7 @@ def _module_bytes(raw: bytes, xz: bool) -> bytes:
 
 
 def extract(deb: Path, modules: tuple[str, ...] = MODULES) -> KernelFiles:
-    """Stream the package's data archive and keep vmlinuz and the wanted virtio modules only
+    """Stream the package's data archive and keep vmlinuz and the wanted modules only
     (a full ``dpkg -x`` would unpack hundreds of MiB of modules nobody uses)."""
     proc = subprocess.Popen(
         ["dpkg-deb", "--fsys-tarfile", str(deb)],

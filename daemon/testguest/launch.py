@@ -23,6 +23,7 @@ from uuid import uuid4
 
 from daemon.guestspec import GuestSpec, MiB
 from daemon.testguest.accel import Accel, choose_accel
+from daemon.testguest.agent import PORT_NAME
 from daemon.testguest.build import GuestImage
 from daemon.testguest.control import ControlChannel
 from daemon.testguest.errors import GuestExitedError, GuestLaunchError, GuestTimeoutError
@@ -50,6 +51,12 @@ class QemuGuestSpec(GuestSpec):
     driver. ``memfd``: guest RAM is a ``memory-backend-memfd`` instead of anonymous memory.
     ``workload``: the ``reclaimd.workload=`` steps (README). ``accel``: tcg, kvm or auto
     (None: ``RECLAIMD_GUEST_ACCEL``, default tcg).
+
+    ``agent``: a virtio-serial port named ``org.qemu.guest_agent.0`` whose host end is a Unix
+    socket QEMU serves (``RunningGuest.agent_path``), with the real qemu-ga on it in the
+    guest. ``noagent``: the port is there but the guest never starts qemu-ga (the socket
+    accepts and nothing ever answers). ``agent_block_rpcs``: qemu-ga's ``--block-rpcs``, e.g.
+    ``("guest-file-open", "guest-file-read")`` as RHEL-family guests ship it.
     """
 
     name: str = "testguest"
@@ -60,6 +67,7 @@ class QemuGuestSpec(GuestSpec):
     balloon_id: str | None = "balloon0"
     memfd: bool = False
     noballoon: bool = False
+    noagent: bool = False  # the port is there, but the guest never starts qemu-ga
     qmp: QmpMode = "server"
     qmp_path: Path | None = None
     kernel_args: tuple[str, ...] = ()
@@ -75,6 +83,9 @@ class QemuGuestSpec(GuestSpec):
             not self.workload or any(c.isspace() for c in self.workload)
         ):
             raise ValueError(f"workload is one word of comma-separated steps: {self.workload!r}")
+        for rpc in self.agent_block_rpcs:
+            if not rpc or any(c.isspace() or c == "," for c in rpc):
+                raise ValueError(f"agent_block_rpcs holds command names: {rpc!r}")
         if self.ram_bytes < 64 * MiB:
             raise ValueError(f"ram_bytes={self.ram_bytes}: the guest needs at least 64 MiB")
 
@@ -91,6 +102,10 @@ class QemuGuestSpec(GuestSpec):
             args.append(f"page_reporting.page_reporting_order={self.page_reporting_order}")
         if self.workload:
             args.append(f"reclaimd.workload={self.workload}")
+        if self.noagent:
+            args.append("reclaimd.noagent")
+        if self.agent_block_rpcs:
+            args.append(f"reclaimd.agent_block={','.join(self.agent_block_rpcs)}")
         return " ".join([*args, *self.kernel_args])
 
 
@@ -105,6 +120,7 @@ class GuestPaths:
     qemu_log: Path
     control: Path
     qmp: Path | None
+    agent: Path | None = None
 
 
 def qemu_argv(spec: QemuGuestSpec, image: GuestImage, paths: GuestPaths, accel: Accel) -> list[str]:
@@ -131,6 +147,11 @@ def qemu_argv(spec: QemuGuestSpec, image: GuestImage, paths: GuestPaths, accel: 
         if spec.deflate_on_oom:
             device += ",deflate-on-oom=on"
         argv += ["-device", device]
+    if spec.agent:
+        assert paths.agent is not None
+        argv += ["-chardev", f"socket,id=qga0,path={_opt(paths.agent)},server=on,wait=off"]
+        argv += ["-device", "virtio-serial-pci,id=serial0"]
+        argv += ["-device", f"virtserialport,bus=serial0.0,chardev=qga0,name={PORT_NAME}"]
     if spec.qmp == "server":
         assert paths.qmp is not None
         argv += ["-qmp", f"unix:{_opt(paths.qmp)},server=on,wait=off"]
@@ -175,6 +196,7 @@ class RunningGuest:
         self.console_log = paths.console_log
         self.qemu_log = paths.qemu_log
         self.qmp_path = paths.qmp
+        self.agent_path = paths.agent
         self.control_path = paths.control
         self.control = ControlChannel(paths.control)
         self._owned_dirs = owned_dirs
@@ -328,8 +350,9 @@ def launch(
         qemu_log=run_dir / "qemu.log",
         control=sockets / "control.sock",
         qmp=qmp_path if spec.qmp != "none" else None,
+        agent=sockets / "agent.sock" if spec.agent else None,
     )
-    for stale in (paths.control, paths.qmp if spec.qmp == "server" else None):
+    for stale in (paths.control, paths.qmp if spec.qmp == "server" else None, paths.agent):
         if stale is not None:
             stale.unlink(missing_ok=True)
     argv = qemu_argv(spec, image, paths, accel)
@@ -347,6 +370,7 @@ def launch(
     guest = RunningGuest(spec, image, accel, process, paths, owned)
     try:
         listening = [paths.control] + ([paths.qmp] if spec.qmp == "server" and paths.qmp else [])
+        listening += [paths.agent] if paths.agent else []
         _wait_for_sockets(process, listening, paths.qemu_log)
     except BaseException:
         guest.close()

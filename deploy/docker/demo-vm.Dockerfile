@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# reclaimd's demo guest: QEMU plus the test guest (a Debian kernel and a busybox initramfs, built
-# by `python -m daemon.testguest build`). Build from the repository root:
+# reclaimd's demo guest: QEMU plus the test guest (a Debian kernel and a busybox initramfs with
+# qemu-ga, built by `python -m daemon.testguest build`). Build from the repository root:
 #   docker build -f deploy/docker/demo-vm.Dockerfile -t reclaimd-demo-vm .
 #
 # QEMU runs as uid/gid 10001, the same ids as reclaimd's image, so reclaimd may read this
@@ -11,7 +11,7 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 FROM ${DEBIAN_IMAGE} AS guest
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 busybox-static ca-certificates
+      python3 busybox-static qemu-guest-agent ca-certificates
 WORKDIR /src
 COPY daemon ./daemon
 RUN dir="$(python3 -m daemon.testguest build --cache /tmp/guest-cache)" \

@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from daemon.proxmox import CONFIG_DIR, RUN_DIR, discover
-from daemon.testguest import GuestImage, GuestSpec, launch
+from daemon.testguest import GuestImage, QemuGuestSpec, launch
 
 pytestmark = pytest.mark.e2e
 
@@ -31,9 +31,9 @@ def root() -> Iterator[Path]:
 def test_a_real_qemu_in_the_proxmox_layout(root: Path, guest_image: GuestImage) -> None:
     run = root / RUN_DIR
     (root / CONFIG_DIR / "100.conf").write_text("name: pve-guest\nmemory: 128\nballoon: 64\n")
-    spec = GuestSpec(
+    spec = QemuGuestSpec(
         name="pve-guest",
-        ram_mib=128,
+        ram_bytes=128 << 20,
         qmp_path=run / "100.qmp",
         extra_args=("-pidfile", str(run / "100.pid")),
     )

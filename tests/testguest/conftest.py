@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from daemon.testguest import build
+from daemon.testguest.agent import AgentFiles
 from tests.testguest.testguest_fakes import (
+    FAKE_AGENT,
     FAKE_APT_CACHE,
     FAKE_APT_GET,
     PACKAGE,
@@ -39,6 +42,14 @@ def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeApt:
     monkeypatch.setenv("FAKE_APT", str(root))
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return apt
+
+
+@pytest.fixture(autouse=True)
+def fake_agent_files(monkeypatch: pytest.MonkeyPatch) -> AgentFiles:
+    """The builder takes ``FAKE_AGENT`` instead of the host's qemu-ga (test_testguest_agent.py
+    covers finding the real one)."""
+    monkeypatch.setattr(build, "agent_files", lambda path=None: FAKE_AGENT)
+    return FAKE_AGENT
 
 
 @pytest.fixture

@@ -13,9 +13,18 @@ from pathlib import Path
 import pytest
 
 from daemon.testguest import build
+from daemon.testguest.agent import AgentFiles
 from daemon.testguest.errors import GuestBuildError
 from daemon.testguest.kernel import MODULES, KernelPackage
-from tests.testguest.testguest_fakes import PACKAGE, RELEASE, VERSION, VMLINUZ, FakeApt, elf_header
+from tests.testguest.testguest_fakes import (
+    FAKE_AGENT,
+    PACKAGE,
+    RELEASE,
+    VERSION,
+    VMLINUZ,
+    FakeApt,
+    elf_header,
+)
 
 
 def listing(initrd: Path, tmp: Path) -> list[str]:
@@ -40,6 +49,10 @@ def test_first_build_makes_a_bootable_layout(
     members = listing(image.initrd, tmp_path)
     assert {"init", "bin/busybox", "dev/console", "lib/modules/load-order"} <= set(members)
     assert {f"lib/modules/{m}.ko" for m in MODULES} <= set(members)
+    # The guest agent and its libraries, each under its parent directories.
+    agent = {"usr/sbin/qemu-ga", "lib/x86_64-linux-gnu/libfake.so.1", "lib64/ld-linux-x86-64.so.2"}
+    assert agent <= set(members)
+    assert {"usr", "usr/sbin", "lib/x86_64-linux-gnu", "lib64"} <= set(members)
     meta = json.loads((image.directory / build.META_FILE).read_text())
     assert meta["key"] == image.key and meta["modules"] == list(MODULES)
     assert fake_apt.downloads() == 1
@@ -73,6 +86,20 @@ def test_a_changed_input_builds_a_new_entry(
         build.build_image(tmp_path, busybox=static_busybox)
 
 
+def test_the_cache_key_covers_the_agent_and_every_library() -> None:
+    package = KernelPackage(PACKAGE, VERSION)
+    key = build.cache_key(package, b"busybox", b"init", FAKE_AGENT)
+    (lib, data), loader = FAKE_AGENT.libraries
+    updated_lib = AgentFiles(FAKE_AGENT.binary, ((lib, data + b" security fix"), loader))
+    moved_lib = AgentFiles(FAKE_AGENT.binary, (("usr/" + lib, data), loader))
+    new_binary = AgentFiles(b"qemu-ga 8.0", FAKE_AGENT.libraries)
+    keys = {
+        build.cache_key(package, b"busybox", b"init", a)
+        for a in (updated_lib, moved_lib, new_binary)
+    }
+    assert key not in keys and len(keys) == 3
+
+
 def test_an_aborted_build_leaves_nothing_and_its_leftovers_are_cleaned(
     fake_apt: FakeApt, static_busybox: Path, tmp_path: Path
 ) -> None:
@@ -87,6 +114,7 @@ def test_an_aborted_build_leaves_nothing_and_its_leftovers_are_cleaned(
         KernelPackage(PACKAGE, VERSION),
         static_busybox.read_bytes(),
         build.init_script(),
+        FAKE_AGENT,
     )
     # As a build killed mid-way would leave it:
     stale = cache / f"{RELEASE}-{key[:12]}.tmp-killed"

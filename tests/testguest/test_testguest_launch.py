@@ -32,6 +32,7 @@ PATHS = GuestPaths(
     qemu_log=Path("/run/g/qemu.log"),
     control=Path("/run/g/control.sock"),
     qmp=Path("/run/g/qmp.sock"),
+    agent=Path("/run/g/agent.sock"),
 )
 
 FAKE_QEMU = f"""#!{sys.executable}
@@ -72,10 +73,13 @@ def test_default_command_line() -> None:
         "isa-serial,chardev=con0,index=0",
         "isa-serial,chardev=ctl0,index=1",
         "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+        "virtio-serial-pci,id=serial0",
+        "virtserialport,bus=serial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
     ]
     assert option(argv, "-chardev") == [
         "file,id=con0,path=/run/g/console.log",
         "socket,id=ctl0,path=/run/g/control.sock,server=on,wait=off",
+        "socket,id=qga0,path=/run/g/agent.sock,server=on,wait=off",
     ]
     assert option(argv, "-qmp") == ["unix:/run/g/qmp.sock,server=on,wait=off"]
     assert "-object" not in argv and "-mon" not in argv
@@ -99,7 +103,7 @@ def test_no_balloon_device() -> None:
 
 def test_qmp_client_connects_to_a_listening_daemon() -> None:
     spec = QemuGuestSpec(qmp="client", qmp_path=Path("/run/reclaimd/listen.sock"))
-    paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, spec.qmp_path)
+    paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, spec.qmp_path, PATHS.agent)
     argv = qemu_argv(spec, IMAGE, paths, accel.TCG)
     assert "socket,id=qmp0,path=/run/reclaimd/listen.sock,reconnect=5" in option(argv, "-chardev")
     assert option(argv, "-mon") == ["chardev=qmp0,mode=control"]
@@ -107,16 +111,19 @@ def test_qmp_client_connects_to_a_listening_daemon() -> None:
 
 
 def test_no_qmp() -> None:
-    paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, None)
+    paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, None, PATHS.agent)
     argv = qemu_argv(QemuGuestSpec(qmp="none"), IMAGE, paths, accel.TCG)
     assert "-qmp" not in argv and "-mon" not in argv
 
 
 def test_commas_in_values_are_escaped() -> None:
-    paths = GuestPaths(Path("/a,b/c.log"), PATHS.qemu_log, Path("/a,b/ctl"), Path("/a,b/q"))
+    paths = GuestPaths(
+        Path("/a,b/c.log"), PATHS.qemu_log, Path("/a,b/ctl"), Path("/a,b/q"), Path("/a,b/qga")
+    )
     argv = qemu_argv(QemuGuestSpec(name="x,y"), IMAGE, paths, accel.TCG)
     assert option(argv, "-name") == ["guest=x,,y"]
     assert "file,id=con0,path=/a,,b/c.log" in option(argv, "-chardev")
+    assert "socket,id=qga0,path=/a,,b/qga,server=on,wait=off" in option(argv, "-chardev")
     assert option(argv, "-qmp") == ["unix:/a,,b/q,server=on,wait=off"]
 
 
@@ -135,9 +142,27 @@ def test_kernel_command_line_options_and_extra_args() -> None:
     assert qemu_argv(spec, IMAGE, PATHS, accel.TCG)[-2:] == ["-smp", "2"]
 
 
+def test_no_agent_channel() -> None:
+    paths = GuestPaths(PATHS.console_log, PATHS.qemu_log, PATHS.control, PATHS.qmp, None)
+    argv = qemu_argv(QemuGuestSpec(agent=False), IMAGE, paths, accel.TCG)
+    assert not any("serial0" in d or "qga0" in d for d in option(argv, "-device"))
+    assert not any("qga0" in c for c in option(argv, "-chardev"))
+
+
+def test_agent_options_on_the_kernel_command_line() -> None:
+    blocked = QemuGuestSpec(agent_block_rpcs=("guest-file-open", "guest-file-read"))
+    assert blocked.kernel_cmdline().endswith(
+        " reclaimd.agent_block=guest-file-open,guest-file-read"
+    )
+    assert QemuGuestSpec(noagent=True).kernel_cmdline().endswith(" reclaimd.noagent")
+    assert "agent" not in QemuGuestSpec().kernel_cmdline()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"agent_block_rpcs": ("guest-file-open,guest-exec",)},
+        {"agent_block_rpcs": ("",)},
         {"qmp": "client"},
         {"workload": "alloc:1, free"},
         {"workload": ""},
@@ -195,6 +220,7 @@ def test_lifecycle_with_a_fake_qemu(fake_qemu: str) -> None:
     with guest:
         run_dir = guest.console_log.parent
         assert guest.control_path.exists() and guest.qmp_path and guest.qmp_path.exists()
+        assert guest.agent_path is not None and guest.agent_path.exists()
         assert guest.wait_for_console(r"kernel=(\w+)", timeout=10)[1] == "fake"
         with pytest.raises(GuestTimeoutError, match="init started kernel=fake"):
             guest.wait_for_console("never printed", timeout=0.3)

@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.testguest.agent import AgentFiles
 from daemon.testguest.kernel import MODULES
 
 RELEASE = "9.9.9-1-amd64"
@@ -29,6 +30,13 @@ def elf_header(interpreter: bool) -> bytes:
     return bytes(header + phdr)
 
 
+# A guest agent "binary" with one "library", standing in for the host's qemu-ga.
+FAKE_AGENT = AgentFiles(
+    b"fake qemu-ga",
+    (("lib/x86_64-linux-gnu/libfake.so.1", b"fake lib"), ("lib64/ld-linux-x86-64.so.2", b"ld")),
+)
+
+
 def fake_module(name: str, depends: list[str]) -> bytes:
     # What matters to the builder: the .modinfo strings, NUL-separated, among other bytes.
     return b"\x7fELF\x02junk\0" + f"name={name}\0depends={','.join(depends)}\0".encode()
@@ -42,7 +50,10 @@ MODULE_DEPENDS = {
     "virtio_pci": ["virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio"],
     "virtio_balloon": ["virtio", "virtio_ring"],
     "virtio_mem": ["virtio", "virtio_ring"],
+    "virtio_console": ["virtio", "virtio_ring"],
 }
+# Where the kernel package keeps each module (drivers/virtio/ unless named here).
+MODULE_DIRS = {"virtio_console": "char"}
 
 
 def build_deb(
@@ -59,14 +70,17 @@ def build_deb(
     (root / "boot").mkdir()
     (root / "boot" / f"vmlinuz-{RELEASE}").write_bytes(VMLINUZ)
     lib = root / ("usr/lib" if usr else "lib")
-    virtio = lib / "modules" / RELEASE / "kernel" / "drivers" / "virtio"
-    virtio.mkdir(parents=True)
-    (virtio / "virtio_input.ko").write_bytes(fake_module("virtio_input", ["virtio"]))
+    drivers = lib / "modules" / RELEASE / "kernel" / "drivers"
+    for subdir in ("virtio", "char"):
+        (drivers / subdir).mkdir(parents=True)
+    (drivers / "virtio" / "virtio_input.ko").write_bytes(fake_module("virtio_input", ["virtio"]))
+    (drivers / "char" / "ipmi_msghandler.ko").write_bytes(fake_module("ipmi_msghandler", []))
     for name, data in modules.items():
+        module_dir = drivers / MODULE_DIRS.get(name, "virtio")
         if name in xz:
-            (virtio / f"{name}.ko.xz").write_bytes(lzma.compress(data))
+            (module_dir / f"{name}.ko.xz").write_bytes(lzma.compress(data))
         else:
-            (virtio / f"{name}.ko").write_bytes(data)
+            (module_dir / f"{name}.ko").write_bytes(data)
     deb = where / f"{PACKAGE}_{VERSION}_amd64.deb"
     subprocess.run(
         ["dpkg-deb", "--root-owner-group", "-Znone", "--build", str(root), str(deb)],
