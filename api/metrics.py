@@ -151,6 +151,9 @@ class _HostFamilies:
             "qemu_free_page_reporting_effective",
             "1 when reported pages are really discarded, 0 when negotiated but ineffective",
         )
+        self.agent_up = Family(
+            "qemu_guest_agent_up", "1 when the last read through the VM's guest agent worked"
+        )
         self.free_by_order = Family(
             "qemu_guest_free_by_order_bytes",
             "Guest free memory in blocks of each order (/proc/buddyinfo; from the guest agent "
@@ -158,6 +161,8 @@ class _HostFamilies:
         )
 
     def add(self, vm: VMState, labels: str) -> None:
+        if vm.agent is not None:
+            self.agent_up.add(labels, vm.agent.ok)
         host = vm.host
         if host is not None:
             if host.ledger is not None:
@@ -188,6 +193,7 @@ class _HostFamilies:
             self.refaulted_total,
             self.reclaimable,
             self.effective,
+            self.agent_up,
             self.free_by_order,
         )
 

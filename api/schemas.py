@@ -182,6 +182,19 @@ class EstimatePage(BaseModel):
     )
 
 
+class AgentOut(BaseModel):
+    """The VM's guest agent, as its last read of the guest's free lists went."""
+
+    path: str = Field(description="the agent's socket")
+    ok: bool
+    at: float | None = Field(description="when the last read was made")
+    problem: Literal["absent", "timeout", "blocked", "failed", "bad-reply", "rejected"] | None
+    reason: str | None
+    reporting_order: int | None = Field(
+        description="the guest's page_reporting_order (11: no reporting device registered)"
+    )
+
+
 class VMDetail(VMSummary):
     address: str
     state_since: float
@@ -205,6 +218,9 @@ class VMDetail(VMSummary):
     )
     estimate: EstimateOut | None = Field(
         default=None, description="the reclaim estimate, when available"
+    )
+    agent: AgentOut | None = Field(
+        default=None, description="the guest agent, when the VM has one reclaimd knows of"
     )
 
     @classmethod
@@ -238,6 +254,7 @@ class VMDetail(VMSummary):
             events_dropped=vm.events_dropped,
             host=vm.host.as_dict() if vm.host else None,
             estimate=EstimateOut(**vm.estimate.as_dict()) if vm.estimate else None,
+            agent=AgentOut(**vars(vm.agent)) if vm.agent else None,
         )
 
 

@@ -74,6 +74,17 @@ class VMConfig(BaseModel):
         gt=0,
         description="QEMU's pid, for the host view where the socket cannot tell it (TCP attach)",
     )
+    agent: str | None = Field(
+        default=None,
+        description="the guest agent's socket (unix:/path of a virtserialport chardev)",
+    )
+
+    @field_validator("agent")
+    @classmethod
+    def _valid_agent(cls, value: str | None) -> str | None:
+        if value is not None and Address.parse(value).kind != "unix":
+            raise ValueError(f"agent {value!r}: expected unix:/path")
+        return value
 
     @field_validator("address")
     @classmethod
@@ -86,15 +97,17 @@ class VMConfig(BaseModel):
 
 
 def parse_vm_flag(text: str) -> VMConfig:
-    """Parse ``NAME=ADDRESS`` or ``NAME=poll+ADDRESS`` from ``--vm``."""
+    """Parse ``NAME=ADDRESS`` or ``NAME=poll+ADDRESS`` from ``--vm``, each optionally followed
+    by ``,agent=unix:/path`` (the guest agent's socket)."""
     name, sep, address = text.partition("=")
     if not sep:
         raise ConfigError(f"--vm {text!r}: expected NAME=ADDRESS")
+    address, _, agent = address.partition(",agent=")
     mode: AttachMode = "connect"
     if address.startswith("poll+"):
         mode, address = "poll", address[len("poll+") :]
     try:
-        return VMConfig(name=name, address=address, mode=mode)
+        return VMConfig(name=name, address=address, mode=mode, agent=agent or None)
     except ValueError as exc:
         raise ConfigError(f"--vm {text!r}: {exc}") from None
 
@@ -141,6 +154,21 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description="CPU-seconds per second for host residency scans, shared by all VMs",
+    )
+    agents: bool = Field(
+        default=True,
+        description="read the guest's free lists through its guest agent where it has one",
+    )
+    agent_socket: str | None = Field(
+        default=None,
+        description="where a VM's guest agent socket is, with {name}, {socket} (its QMP "
+        "socket) and {dir}; unset: SOCKET.qga, then DIR/NAME.qga, where one exists",
+    )
+    agent_refresh: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="seconds between agent reads while the guest's free memory stays put",
     )
     command_timeout: float = Field(default=5.0, gt=0, le=600)
     connect_timeout: float = Field(default=5.0, gt=0, le=600)

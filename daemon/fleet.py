@@ -38,6 +38,18 @@ class SessionState(StrEnum):
     STOPPED = "stopped"
 
 
+@dataclass(frozen=True)
+class AgentStatus:
+    """The guest agent of a VM, as its last read went."""
+
+    path: str
+    ok: bool
+    at: float | None  # when the last read was made
+    problem: str | None = None  # absent, timeout, blocked, failed, bad-reply or rejected
+    reason: str | None = None  # one line, for people
+    reporting_order: int | None = None  # the guest's page_reporting_order, as it said
+
+
 @dataclass
 class BalloonState:
     """What QMP tells about the VM's virtio-balloon device."""
@@ -107,6 +119,7 @@ class VMState:
     host: HostStatus | None = None
     estimate: Estimate | None = None
     ranges: RangeHistory | None = None
+    agent: AgentStatus | None = None  # None: no guest agent known for this VM
 
     def set_session_state(self, state: SessionState, error: str | None = None) -> None:
         if state != self.session_state:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import stat
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from daemon.agent import AgentReader, SocketTransport
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import AttachKind, Fleet, VMState
 from daemon.instruments import QMP_RECONNECTS
@@ -79,7 +81,7 @@ class Reclaimd:
         # One thread scans for all VMs (see daemon.vmcycle for why only one).
         self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
-            self.add_vm(vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid)
+            self.add_vm(vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid, agent=vm.agent)
         if self.settings.socket_glob:
             watcher = SocketWatcher(
                 self.settings.socket_glob,
@@ -156,22 +158,54 @@ class Reclaimd:
             vm.event_counts = self._journal().event_counts(name)
         return vm
 
-    def _cycle(self, vm: VMState) -> Cycle:
-        """The VM's poll cycle: with the host view, or only reading the monitor."""
+    def _cycle(self, vm: VMState, agent: str | None = None) -> Cycle:
+        """The VM's poll cycle: with the host view, or only reading the monitor. ``agent`` is
+        the guest agent's address when configured for this VM."""
         if not self.host_view:
             return poll_only
         cycle = self._cycles.get(vm.name)
         if cycle is None or cycle.vm is not vm:
             if cycle is not None:
                 cycle.close()
+            path = self._agent_path(vm, agent)
+            reader = None
+            if path is not None:
+                reader = AgentReader(SocketTransport(path, name=f"{vm.name} agent"), name=vm.name)
             cycle = VMCycle(
                 vm,
                 budget=self._scan_budget_share,
                 interval=min(1.0, self.settings.poll_interval),
                 scanner=self.scanner,
+                agent=reader,
+                agent_path=path or "",
+                agent_refresh=self.settings.agent_refresh,
             )
             self._cycles[vm.name] = cycle
         return cycle
+
+    def _agent_path(self, vm: VMState, configured: str | None) -> str | None:
+        """Where the VM's guest agent listens: configured, or the first of the places the
+        ``agent_socket`` setting (or, unset, ``SOCKET.qga`` and ``DIR/NAME.qga``) names that is
+        a socket now. None: the VM has no agent reclaimd knows of."""
+        if not self.settings.agents:
+            return None
+        if configured is not None:
+            return Address.parse(configured).path
+        socket = vm.address.removeprefix("unix:") if vm.address.startswith("unix:") else ""
+        fields = {"name": vm.name, "socket": socket, "dir": str(Path(socket).parent)}
+        templates = (
+            [self.settings.agent_socket]
+            if self.settings.agent_socket
+            else ["{socket}.qga", "{dir}/{name}.qga"]
+        )
+        for template in templates:
+            if not socket and ("{socket}" in template or "{dir}" in template):
+                continue  # listen mode or TCP: no socket to find the agent beside
+            path = Path(template.format(**fields))
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.stat().st_mode):
+                    return str(path)
+        return None
 
     def _scan_budget_share(self) -> float:
         # The daemon-wide scan budget is shared by all VMs.
@@ -184,15 +218,17 @@ class Reclaimd:
         mode: AttachMode = "connect",
         *,
         pid: int | None = None,
+        agent: str | None = None,
     ) -> VMState:
         """Attach a VM at ``address`` (connect or poll mode) and start its session. ``pid`` is
-        QEMU's, for the host view where the socket cannot tell it (TCP)."""
+        QEMU's, for the host view where the socket cannot tell it (TCP); ``agent`` the guest
+        agent's socket (``unix:/path``)."""
         journal = self._journal()
         self.remove_vm(name)
         vm = self._track(name, str(address), mode)
         vm.pid = pid
         kind = PollSession if mode == "poll" else Session
-        session = kind(vm, self.settings, journal, address=address, cycle=self._cycle(vm))
+        session = kind(vm, self.settings, journal, address=address, cycle=self._cycle(vm, agent))
         self.sessions[name] = session
         self._session_tasks[name] = asyncio.create_task(session.run(), name=f"session-{name}")
         return vm

@@ -8,7 +8,9 @@ the VM's ``Monitor``. The cycle:
 2. scans residency, when the scan cadence says one is due, on the scanner thread;
 3. reads the balloon again after the scan: the ledger needs the balloon's size from after the
    scan to tell a balloon inflation from reported pages (see ``daemon.ledger.ranges``);
-4. lets the ledger observe the scan, and estimates;
+4. lets the ledger observe the scan, reconciles the free split (with the guest's own free lists
+   when its agent answers: a read runs as its own task, started when the guest's free memory
+   moved or every ``agent_refresh`` seconds, and waited for briefly), and estimates;
 5. publishes ``VMState.host`` (a ``HostStatus``), ``VMState.estimate`` and ``VMState.ranges``.
 
 Trouble with the monitor propagates to the session, which owns the connection. Trouble with the
@@ -25,13 +27,15 @@ not only the syscalls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from daemon.fleet import VMState
+from daemon.agent import AgentProblem, FreeLists
+from daemon.fleet import AgentStatus, VMState
 from daemon.guest_stats import GuestStats
 from daemon.host.cadence import ScanCadence
 from daemon.host.mtree import GuestPhysMap
@@ -40,13 +44,15 @@ from daemon.host.view import GuestRamScan, HostView
 from daemon.instruments import RESIDENCY_SCAN_SECONDS
 from daemon.ledger.estimate import estimate
 from daemon.ledger.ranges import Ledger, LedgerSummary
-from daemon.ledger.reconcile import FreeState, Moment, Reconciler
+from daemon.ledger.reconcile import AgentSplit, FreeState, Moment, Reconciler
 from daemon.ledger.status import HostStatus
 from daemon.model import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY = 10.0  # seconds before retrying a host view that failed
+AGENT_ALIGNED = 3.0  # seconds: an agent read this close to the stats' moment is of it
+_closing: set[asyncio.Task[None]] = set()  # agent closes in flight, kept from the collector
 
 
 class Monitor(Protocol):
@@ -62,6 +68,18 @@ class Monitor(Protocol):
         """Read the balloon's ``actual`` again."""
 
 
+AGENT_WAIT = 0.25  # seconds a cycle waits for the agent read it started; later, the next uses it
+AGENT_MOVED = 0.01  # of RAM: a change of free memory that is worth a new agent read
+
+
+class AgentSource(Protocol):
+    """The guest agent's reader (``daemon.agent.AgentReader``)."""
+
+    async def read(self, ram_bytes: int) -> FreeLists | AgentProblem: ...
+
+    async def close(self) -> None: ...
+
+
 class VMCycle:
     """The poll cycle of one VM, with the state it keeps between cycles: the host view, the
     ledger, the scan cadence and what the estimate carries over."""
@@ -73,9 +91,13 @@ class VMCycle:
         budget: Callable[[], float],
         interval: float = 1.0,
         scanner: Executor | None = None,
+        agent: AgentSource | None = None,
+        agent_path: str = "",
+        agent_refresh: float = 60.0,
     ) -> None:
         """``budget()`` is this VM's share of the scan budget now (CPU-seconds per second);
-        ``scanner`` runs the scans (None: asyncio's default executor)."""
+        ``scanner`` runs the scans (None: asyncio's default executor); ``agent`` reads the
+        guest's free lists (at ``agent_path``), None when the VM has no agent."""
         self.vm = vm
         self.budget = budget
         self.scanner = scanner
@@ -87,6 +109,12 @@ class VMCycle:
         self.free: FreeState | None = None
         self._moment_key: tuple[Any, ...] | None = None
         self._touched = 0  # the ledger's refaults and first touches, as last replayed
+        self.agent = agent
+        self.agent_path = agent_path
+        self.agent_refresh = agent_refresh
+        self.free_lists: FreeLists | None = None  # the agent's last good read
+        self._agent_task: asyncio.Task[FreeLists | AgentProblem] | None = None
+        self._agent_asked: tuple[float, int] | None = None  # (monotonic, free bytes) of the last
         self._key: tuple[Any, ...] | None = None
         self._next_scan = 0.0
         self._cpu_seconds = 0.0  # of the last scan
@@ -95,6 +123,7 @@ class VMCycle:
     async def __call__(self, monitor: Monitor) -> None:
         """Run one cycle (see the module docstring)."""
         await monitor.poll()
+        await self._read_agent()
         try:
             scan = await self._scan_if_due()
         except Exception as exc:
@@ -114,12 +143,21 @@ class VMCycle:
         self.vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        """Drop the view; its descriptors are closed on the scanner, after any scan in flight.
+        """Stop an agent read in flight and drop the view; the view's descriptors are closed on
+        the scanner, after any scan in flight.
 
         A scan may still run on the view (its VM was removed, or the cycle awaiting it was
         cancelled): closing from here could close descriptors under it, or leave the ones it
         opens next open for ever.
         """
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            self._agent_task = None
+        if self.agent is not None:
+            with contextlib.suppress(RuntimeError):  # no event loop left: nothing to close
+                task = asyncio.get_running_loop().create_task(self.agent.close())
+                _closing.add(task)
+                task.add_done_callback(_closing.discard)
         view, self.view = self.view, None
         if view is None:
             return
@@ -132,6 +170,41 @@ class VMCycle:
         view.close()
 
     # -- the steps -----------------------------------------------------------------------------
+
+    async def _read_agent(self) -> None:
+        """Start an agent read when one is due, and take its result when it is done."""
+        if self.agent is None:
+            return
+        vm = self.vm
+        ram, stats = vm.memory.ram_bytes, vm.guest_stats
+        if self._agent_task is None and ram and self._agent_due(ram):
+            free = stats.free_bytes if stats is not None and stats.free_bytes else 0
+            self._agent_asked = (time.monotonic(), free)
+            self._agent_task = asyncio.get_running_loop().create_task(self.agent.read(ram))
+        task = self._agent_task
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=AGENT_WAIT)
+            if not task.done():
+                return  # a slow or hung agent: the read goes on, bounded by its own budget
+        self._agent_task = None
+        result = task.result()
+        if isinstance(result, FreeLists):
+            self.free_lists = result
+            order = result.reporting_order
+            vm.agent = AgentStatus(self.agent_path, True, result.at, reporting_order=order)
+        else:
+            vm.agent = AgentStatus(self.agent_path, False, result.at, result.kind, result.reason)
+
+    def _agent_due(self, ram: int) -> bool:
+        if self._agent_asked is None:
+            return True
+        asked, free_then = self._agent_asked
+        stats = self.vm.guest_stats
+        free = stats.free_bytes if stats is not None and stats.free_bytes else 0
+        moved = abs(free - free_then) >= AGENT_MOVED * ram
+        return moved or time.monotonic() - asked >= self.agent_refresh
 
     async def _scan_if_due(self) -> GuestRamScan | None:
         view = self._ensure_view()
@@ -176,6 +249,9 @@ class VMCycle:
             ledger=aligned,
             host_problem=str(self.problem) if self.problem else None,
             free=self.free,
+            agent_at=self.free_lists.at
+            if self.free is not None and self.free.source == "agent" and self.free_lists
+            else None,
         )
         vm.estimate = result
         vm.host = HostStatus(
@@ -211,7 +287,14 @@ class VMCycle:
             allocated_pages=allocated,
             reporting=self.vm.balloon.free_page_reporting is True,
         )
-        self.free = self.reconciler.observe(moment)
+        self.free = self.reconciler.observe(moment, self._agent_split(stats.last_update))
+
+    def _agent_split(self, stats_at: float) -> AgentSplit | None:
+        """The agent's last read, if it is of about the stats' moment (within a poll)."""
+        lists = self.free_lists
+        if lists is None or abs(lists.at - (stats_at + 0.5)) > AGENT_ALIGNED:
+            return None
+        return AgentSplit(lists.at, lists.by_order_pages, lists.reporting_order)
 
     def _ensure_view(self) -> HostView:
         """The VM's host view, made again when the QEMU process or the RAM layout changed."""
