@@ -143,13 +143,7 @@ class VMCycle:
         self.vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        """Stop an agent read in flight and drop the view; the view's descriptors are closed on
-        the scanner, after any scan in flight.
-
-        A scan may still run on the view (its VM was removed, or the cycle awaiting it was
-        cancelled): closing from here could close descriptors under it, or leave the ones it
-        opens next open for ever.
-        """
+        """The VM is gone: stop an agent read in flight, close the agent, drop the view."""
         if self._agent_task is not None:
             self._agent_task.cancel()
             self._agent_task = None
@@ -158,6 +152,15 @@ class VMCycle:
                 task = asyncio.get_running_loop().create_task(self.agent.close())
                 _closing.add(task)
                 task.add_done_callback(_closing.discard)
+        self._drop_view()
+
+    def _drop_view(self) -> None:
+        """Drop the view; its descriptors are closed on the scanner, after any scan in flight.
+
+        A scan may still run on the view (its VM was removed, or the cycle awaiting it was
+        cancelled): closing from here could close descriptors under it, or leave the ones it
+        opens next open for ever.
+        """
         view, self.view = self.view, None
         if view is None:
             return
@@ -308,7 +311,7 @@ class VMCycle:
         )
         if key != self._key or self.view is None:
             pid_changed = self._key is None or self._key[0] != vm.pid
-            self.close()
+            self._drop_view()
             self.view = HostView.from_qmp(
                 vm.pid, mem.ramblock_text, mem.memdevs, mem.base_bytes, mem_paths=mem.mem_paths
             )

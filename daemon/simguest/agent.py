@@ -138,9 +138,7 @@ class GuestAgent:
         name, args = msg["execute"], msg.get("arguments") or {}
         if name not in COMMANDS or name in self.blocked:
             if name in self.blocked:
-                return b"", _error(
-                    "GenericError", f"Command {name} has been disabled for this instance"
-                )
+                return b"", _error("CommandNotFound", f"Command {name} has been disabled")
             return b"", _error("CommandNotFound", f"The command {name} has not been found")
         if name not in IMPLEMENTED:
             return b"", _error("GenericError", f"{name} is not available in this guest")
