@@ -39,7 +39,6 @@ from daemon.model import (
     allocate,
     pageblock_order,
     release,
-    reported_by_upstream,
     upstream_report_time,
 )
 
@@ -110,7 +109,7 @@ class FreeState:
 
 @dataclass
 class _Prediction:
-    made_at: float
+    made_at: float | None  # None: still gathering small frees
     freed_at: float
     pages: int  # expected to be discarded
     due_at: float
@@ -252,9 +251,9 @@ class Reconciler:
     def _predict(
         self, moment: Moment, previous: list[int] | None, previous_at: float | None
     ) -> None:
-        """A prediction of what upstream reports, when the guest freed memory at or above the
-        reporting order: what the split grew there since the previous moment (reported since
-        included, so a report faster than the stats still counts)."""
+        """A prediction of what upstream reports, once the guest freed memory at or above the
+        reporting order: what the split grew there (reported since included, so a report faster
+        than the stats still counts), summed over moments until it is worth a prediction."""
         assert self.split is not None
         order = self.reporting_order
         if self.pending_pages(moment) <= 0:
@@ -263,27 +262,33 @@ class Reconciler:
             return
         grown = sum(self.split[order:]) - sum(previous[order:])
         rise = sum(self.split) - sum(previous)
-        if grown < PREDICT_MIN_PAGES:
+        if grown <= 0:
             return
         freed_at = moment.at - _half_interval(moment, previous_at)
         if self._pending_since is None:
             self._pending_since = freed_at  # upstream was notified then
-        if self._prediction is not None:
+        p = self._prediction
+        if p is not None and p.made_at is not None:
             # More freed before the first was reported: one prediction for both, timed from
             # the first free (upstream's worker is already scheduled).
-            p = self._prediction
             p.pages += grown
             p.due_at = p.freed_at + self._report_seconds(p.pages)
             p.burst = max(p.burst, rise)
             return
-        self._prediction = _Prediction(
-            made_at=moment.at,
-            freed_at=freed_at,
-            pages=grown,
-            due_at=freed_at + self._report_seconds(grown),
-            discarded_at_start=self._discarded_before,
-            burst=rise,
-        )
+        if p is None:  # a first small free: gather until there is enough to judge
+            p = self._prediction = _Prediction(
+                made_at=None,
+                freed_at=freed_at,
+                pages=0,
+                due_at=freed_at,
+                discarded_at_start=self._discarded_before,
+                burst=0,
+            )
+        p.pages += grown
+        p.burst = max(p.burst, rise)
+        if p.pages >= PREDICT_MIN_PAGES:
+            p.made_at = moment.at
+            p.due_at = p.freed_at + self._report_seconds(p.pages)
 
     def _report_seconds(self, pending: int) -> float:
         """Upstream's time to report ``pending`` pages, spread over the lists at or above the
@@ -298,30 +303,18 @@ class Reconciler:
             seconds = max(seconds, upstream_report_time(blocks, pages >> order))
         return seconds
 
-    def expected_by(self, when: float) -> int:
-        """Pages the current prediction says upstream has reported by ``when``."""
-        p = self._prediction
-        if p is None or self.split is None:
-            return 0
-        order = self.reporting_order
-        return min(
-            p.pages,
-            reported_by_upstream(
-                p.pages >> order, sum(self.split[order:]) >> order, when - p.freed_at
-            )
-            << order,
-        )
-
     def _judge(self, moment: Moment) -> None:
         """Hold a prediction that came due against what the host saw discarded."""
         p = self._prediction
-        if p is None or moment.host_at is None or moment.host_at < p.due_at + GRACE_SECONDS:
+        if p is None or p.made_at is None or moment.host_at is None:
+            return
+        if moment.host_at < p.due_at + GRACE_SECONDS:
             return
         seen = max(0, moment.discarded_pages - p.discarded_at_start)
-        if 0 < seen < EFFECTIVE_SHARE * p.pages:
-            # Less than predicted. Reporting is slow if discards still arrive a pass or two
-            # later; if not, the model put more of the freed memory in large blocks than the
-            # guest did, and reporting did what it could.
+        if seen < EFFECTIVE_SHARE * p.pages:
+            # Less than predicted: look again two passes later. Reporting is slow if discards
+            # still arrive then; if not, the model put more of the freed memory in large blocks
+            # than the guest did (or, with nothing at all, it stalled or has no effect).
             if p.seen_at_due is None:
                 p.seen_at_due = seen
                 return
@@ -395,7 +388,7 @@ class Reconciler:
             agent_skew_seconds=self.agent_skew if self.source == "agent" else None,
             pending_pages=self.pending_pages(moment),
             pending_since=self._pending_since,
-            report_due_at=p.due_at if p is not None else None,
+            report_due_at=p.due_at if p is not None and p.made_at is not None else None,
             verdict=self.verdict,
             evidence=self.evidence,
         )
@@ -420,20 +413,19 @@ def _big_profile(order: int) -> list[float]:
 
 
 def _scaled(split: Sequence[int], total: int) -> list[int]:
-    """``split`` made to sum to ``total`` pages: trimmed from the smallest orders (what is
-    allocated first), or topped up at order 0."""
+    """``split`` made to sum to ``total`` pages, each order in proportion: the split and the
+    total are of moments a little apart, and nothing says which orders moved between."""
     out = [max(0, int(x)) for x in split][:NR_ORDERS]
     out += [0] * (NR_ORDERS - len(out))
-    excess = sum(out) - max(total, 0)
-    for o in range(NR_ORDERS):
-        if excess <= 0:
-            break
-        take = min(out[o], excess)
-        out[o] -= take
-        excess -= take
-    if excess < 0:
-        out[0] += -excess
-    return out
+    total = max(total, 0)
+    have = sum(out)
+    if have == total:
+        return out
+    if have == 0:
+        return [total] + [0] * (NR_ORDERS - 1)
+    scaled = [x * total // have for x in out]
+    scaled[max(range(NR_ORDERS), key=lambda o: out[o])] += total - sum(scaled)
+    return scaled
 
 
 def _hold_at_least(split: list[int], pages: int, order: int) -> list[int]:

@@ -47,7 +47,8 @@ def test_the_agents_split_is_scaled_to_the_guest_free_memory_of_the_moment() -> 
     agent = AgentSplit(T0, tuple([1000] + [0] * 9 + [9000]), 9)
     state = r.observe(moment(0, 8000), agent)  # the stats say less is free
     assert sum(state.by_order_pages) == 8000
-    assert state.by_order_pages[10] == 8000  # trimmed from the small end, allocated first
+    # In proportion: the read and the stats are moments apart, and either order may have moved.
+    assert state.by_order_pages[0] == 800 and state.by_order_pages[10] == 7200
 
 
 def test_without_an_agent_frees_are_predicted_reported_and_the_split_corrected() -> None:
@@ -84,10 +85,10 @@ def test_verdicts_from_prediction_against_observation() -> None:
         return verdict
 
     assert run(200 * MiB) == "effective"
-    assert run(0, ever=10 * MiB, agent=True) == "stalled"  # it used to work
+    assert run(0, 0, ever=10 * MiB, agent=True) == "stalled"  # it used to work
     # Without the agent nothing reported may be frees in small blocks: no verdict from it.
-    assert run(0, ever=10 * MiB) == "unknown"
-    assert run(0) == "ineffective"  # never anything discarded: acknowledged without effect
+    assert run(0, 0, ever=10 * MiB) == "unknown"
+    assert run(0, 0) == "ineffective"  # never anything discarded: acknowledged without effect
     # Less than predicted, and nothing more after: the model had more in large blocks than
     # the guest; reporting returned what there was.
     assert run(50 * MiB, 50 * MiB, 50 * MiB) == "effective"
