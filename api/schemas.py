@@ -169,6 +169,10 @@ class EstimateOut(BaseModel):
     pending_report_seconds: float | None = Field(
         description="until upstream reporting has returned what is reportable now (predicted)"
     )
+    report_due_at: float | None = Field(
+        description="when upstream reporting will have returned the memory the guest freed last "
+        "(predicted, epoch seconds)"
+    )
     by_order: list[OrderRowOut] = Field(description="the free split, order 0..10")
     inputs: InputsOut
 
@@ -192,6 +196,9 @@ class AgentOut(BaseModel):
     reason: str | None
     reporting_order: int | None = Field(
         description="the guest's page_reporting_order (11: no reporting device registered)"
+    )
+    free_by_order_bytes: list[int] = Field(
+        description="the guest's /proc/buddyinfo as its agent read it, all zones, in bytes"
     )
 
 

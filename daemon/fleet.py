@@ -48,6 +48,7 @@ class AgentStatus:
     problem: str | None = None  # absent, timeout, blocked, failed, bad-reply or rejected
     reason: str | None = None  # one line, for people
     reporting_order: int | None = None  # the guest's page_reporting_order, as it said
+    free_by_order_bytes: tuple[int, ...] = ()  # its /proc/buddyinfo, all zones, as it said
 
 
 @dataclass

@@ -195,8 +195,13 @@ class VMCycle:
         result = task.result()
         if isinstance(result, FreeLists):
             self.free_lists = result
-            order = result.reporting_order
-            vm.agent = AgentStatus(self.agent_path, True, result.at, reporting_order=order)
+            vm.agent = AgentStatus(
+                self.agent_path,
+                True,
+                result.at,
+                reporting_order=result.reporting_order,
+                free_by_order_bytes=tuple(p * PAGE_SIZE for p in result.by_order_pages),
+            )
         else:
             vm.agent = AgentStatus(self.agent_path, False, result.at, result.kind, result.reason)
 

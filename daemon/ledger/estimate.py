@@ -86,6 +86,7 @@ class Estimate:
     verdict: str = "unknown"  # effective, slow, stalled, ineffective, off, unknown
     reporting_order: int | None = None
     pending_report_seconds: float | None = None  # until pending reportable memory is reported
+    report_due_at: float | None = None  # when the last free will have been reported (predicted)
     by_order: tuple[OrderRow, ...] = ()
     inputs: Inputs = field(default_factory=lambda: Inputs(None, None, None))
 
@@ -210,6 +211,7 @@ def estimate(
         verdict=verdict,
         reporting_order=order,
         pending_report_seconds=_pending_seconds(free, now),
+        report_due_at=free.report_due_at if free is not None else None,
         by_order=_by_order(free, c["free_resident"].bytes, free_bytes, ledger),
         inputs=Inputs(stats_at, host_at, agent_at),
     )

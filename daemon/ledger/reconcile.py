@@ -197,7 +197,13 @@ class Reconciler:
         change = free - sum(self.split)
         allocated = max(moment.allocated_pages, -change, 0)
         freed = allocated + change
-        split = allocate(self.split, allocated, self.alloc_order) if allocated else self.split
+        # What the host saw the guest touch came from free memory it did not back: reported
+        # or never-touched blocks, at or above the reporting order. The rest of the guest's
+        # allocations reused resident free memory, smallest blocks first.
+        from_big = min(moment.allocated_pages, allocated)
+        split = _take_from_large(self.split, from_big, self.reporting_order)
+        if allocated > from_big:
+            split = allocate(split, allocated - from_big, self.alloc_order)
         if freed > 0:
             split = release(split, freed, self._profile())
             self._freed_since_fit += freed
@@ -426,6 +432,20 @@ def _scaled(split: Sequence[int], total: int) -> list[int]:
     scaled = [x * total // have for x in out]
     scaled[max(range(NR_ORDERS), key=lambda o: out[o])] += total - sum(scaled)
     return scaled
+
+
+def _take_from_large(split: Sequence[int], pages: int, order: int) -> list[int]:
+    """``pages`` taken from the orders at or above ``order``, the largest first (then below,
+    should those not hold enough)."""
+    out = [int(x) for x in split]
+    order = min(order, MAX_PAGE_ORDER)
+    for o in [*range(MAX_PAGE_ORDER, order - 1, -1), *range(order - 1, -1, -1)]:
+        if pages <= 0:
+            break
+        take = min(out[o], pages)
+        out[o] -= take
+        pages -= take
+    return out
 
 
 def _hold_at_least(split: list[int], pages: int, order: int) -> list[int]:

@@ -3,7 +3,8 @@
 Errors are fractions of guest RAM, as the targets are stated: ``reported`` within 2 %,
 ``free_resident``, ``reportable`` and ``stranded`` within 3 %, and what reporting at every
 order 0..10 would return (``what_if``, the worst order) within 3 %; ``reportable`` and
-``stranded`` within 6 % for guests without an agent, whose split is fitted only. An estimate
+``stranded`` within 6 % for guests without an agent, whose split is fitted only (and no target
+for the what-if there). An estimate
 that leaves a component out (``None``: not known, with a reason elsewhere) fails it: a missing
 number is not a correct one.
 
@@ -27,7 +28,14 @@ TOLERANCES: dict[str, float] = {
     "stranded": 0.03,
     "what_if": 0.03,
 }
-NO_AGENT_TOLERANCES: dict[str, float] = {**TOLERANCES, "reportable": 0.06, "stranded": 0.06}
+# Without an agent the split below the reporting order is not known, so what reporting at a
+# lower order would return has no target there (it is measured all the same: see the bench).
+NO_AGENT_TOLERANCES: dict[str, float] = {
+    "reported": 0.02,
+    "free_resident": 0.03,
+    "reportable": 0.06,
+    "stranded": 0.06,
+}
 WHAT_IF = "what_if"
 
 

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from daemon.testguest import (
     build_image,
     launch,
 )
+from tests.e2e.reclaimd_proc import ReclaimdProcess
 
 # Under TCG on a loaded 2-core CI machine a guest can take several times its usual 5-15 s.
 READY_TIMEOUT = 180.0
@@ -68,3 +70,18 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="reclaimd-e2e-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def reclaimd(short_dir: Path) -> Iterator[Callable[..., ReclaimdProcess]]:
+    """``reclaimd(*args, env=None, ...)``: ``reclaimd serve ARGS`` as a subprocess; all end."""
+    started: list[ReclaimdProcess] = []
+
+    def start(*args: str, **kwargs: Any) -> ReclaimdProcess:
+        proc = ReclaimdProcess(short_dir, args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

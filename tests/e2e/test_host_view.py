@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,6 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 BootGuest = Callable[..., RunningGuest]
-
-
-@pytest.fixture
-def reclaimd(short_dir: Path) -> Iterator[Callable[..., ReclaimdProcess]]:
-    started: list[ReclaimdProcess] = []
-
-    def start(*args: str, **kwargs: Any) -> ReclaimdProcess:
-        proc = ReclaimdProcess(short_dir, args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def host(rd: ReclaimdProcess, name: str) -> dict[str, Any]:

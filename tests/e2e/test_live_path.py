@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,20 +20,6 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 BootGuest = Callable[..., RunningGuest]
-
-
-@pytest.fixture
-def reclaimd(short_dir: Path) -> Iterator[Callable[..., ReclaimdProcess]]:
-    started: list[ReclaimdProcess] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> ReclaimdProcess:
-        proc = ReclaimdProcess(short_dir, args, env)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def wait_attached_with_stats(rd: ReclaimdProcess, name: str, booted_at: float) -> dict:
