@@ -1,30 +1,97 @@
-"""Run the API (and with it the daemon) under uvicorn."""
+"""Run the API (and with it the daemon) under uvicorn, within bounds.
+
+:func:`build_server` is the one place that says how uvicorn serves: the bounded connection
+protocol (``api.connections``), request heads of at most :data:`MAX_REQUEST_HEAD_BYTES`, the
+keep-alive and read timeouts, the listen backlog, TLS from the web config, and a repeat limit
+on the HTTP path's log messages.
+"""
 
 from __future__ import annotations
 
 import logging
+import resource
+import ssl
+from collections.abc import Callable
 
 import uvicorn
 
 from api.app import create_app
-from daemon.config import Settings
+from api.connections import BoundedH11Protocol, ConnectionLimits
+from api.fds import http_connection_limit, raise_soft_limit
+from api.logthrottle import limit_repeats
+from api.webconfig import WebConfig, load_web_config
+from daemon.config import ConfigError, Settings
+from daemon.instruments import HTTP_CONNECTION_LIMIT
+from daemon.service import Reclaimd
 
 log = logging.getLogger(__name__)
 
+# A request line and headers beyond 8 KiB are refused (400), as nginx's default buffers do;
+# reclaimd's own requests need a few hundred bytes.
+MAX_REQUEST_HEAD_BYTES = 8 * 1024
+# Seconds an idle kept-alive connection stays open. Prometheus scrapes every 15 s or so and
+# reconnects at no cost, so holding descriptors longer buys nothing.
+KEEP_ALIVE_SECONDS = 5
+# Connections the kernel queues before reclaimd accepts them. They hold no descriptor of the
+# daemon, but the event loop accepts up to this many at a time before the new connections'
+# protocols run and close the excess, so a small backlog keeps that burst of descriptors small.
+LISTEN_BACKLOG = 64
 
-def run(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM (uvicorn's two-phase shutdown; a second signal forces exit)."""
-    app = create_app(settings)
+
+def build_server(
+    settings: Settings, daemon: Reclaimd | None = None, web: WebConfig | None = None
+) -> uvicorn.Server:
+    """The uvicorn server for ``settings``; ``web`` defaults to ``settings.web_config``'s file.
+    Raises ConfigError when the web config cannot be used."""
+    if web is None and settings.web_config is not None:
+        web = load_web_config(settings.web_config)
+    limits = ConnectionLimits(
+        max_connections=http_connection_limit(settings.http_max_connections),
+        read_timeout=settings.http_read_timeout,
+    )
+    HTTP_CONNECTION_LIMIT.set(limits.max_connections)
+    log.info(
+        "at most %d HTTP connections (open files limit %d)",
+        limits.max_connections,
+        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+    )
+    tls = web.tls if web is not None else None
     config = uvicorn.Config(
-        app,
+        create_app(settings, daemon, web),
         host=settings.listen_host,
         port=settings.listen_port,
+        http=BoundedH11Protocol.with_limits(limits),
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        backlog=LISTEN_BACKLOG,
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        ssl_certfile=tls.cert_file if tls else None,
+        ssl_keyfile=tls.key_file if tls else None,
+        ssl_context_factory=_ssl_context(tls.context) if tls else None,
     )
-    server = uvicorn.Server(config)
+    # uvicorn configures its loggers when the Config is made; the limit goes on after that.
+    limit_repeats()
+    return uvicorn.Server(config)
+
+
+def _ssl_context(
+    make: Callable[[], ssl.SSLContext],
+) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    # The web config's context (versions, client certificates) instead of uvicorn's default.
+    return lambda _config, _default: make()
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM (uvicorn's two-phase shutdown; a second signal forces exit)."""
+    raise_soft_limit()
+    try:
+        server = build_server(settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     server.run()
     # uvicorn exits the process itself on a bind failure; a failed startup lands here.
     return 0 if server.started else 1
