@@ -6,9 +6,10 @@ warning for each), so idle and slow ("slowloris") connections pile up until the 
 out of file descriptors, and then QMP reconnects fail too. This protocol bounds both:
 
 - At most ``max_connections`` are open. A connection beyond that closes the oldest *idle* one:
-  one that waits for a request head, or is kept alive between requests. So a client that sends
-  its request at once is served however many idle connections others hold. Only when every
-  other connection is busy with a request is the new one closed instead.
+  one that waits for a request head (with no bytes of it waiting in the kernel), or is kept
+  alive between requests. So a client that sends its request at once is served however many
+  idle connections others hold. Only when every other connection is busy with a request is the
+  new one closed instead.
 - A connection must deliver a whole request (head and body) within ``read_timeout`` of its
   opening or of the first byte of its next request, however slowly it trickles in; between
   requests uvicorn's keep-alive timeout applies.
@@ -19,8 +20,11 @@ says so through the repeat limit of ``api.logthrottle``, so a flood never floods
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
+import termios
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -62,7 +66,7 @@ class BoundedH11Protocol(H11Protocol):
         self._arm_read_deadline()
         self._track()
         if len(self.connected) > self.limits.max_connections:
-            victim = next((c for c in self.idle if c is not self), self)
+            victim = next((c for c in self.idle if c is not self and not c._unread()), self)
             victim._close("limit")
             log.warning(
                 "HTTP: %d connections open, the limit: closed the oldest idle one (or the new one "
@@ -99,6 +103,19 @@ class BoundedH11Protocol(H11Protocol):
             self.idle[self] = None  # newest last
         else:
             self.idle.pop(self, None)
+
+    def _unread(self) -> int:
+        """Bytes the kernel holds for this connection that the loop has not read yet: a
+        request on its way (a new connection's usually is, by the time it is accepted)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        pending = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, pending)
+        except OSError:
+            return 0
+        return pending[0]
 
     def _arm_read_deadline(self) -> None:
         self._cancel_read_deadline()

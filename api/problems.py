@@ -113,7 +113,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem(
-            exc.status_code, str(exc.detail), instance=request.url.path, headers=exc.headers
+            exc.status_code,
+            str(exc.detail),
+            instance=request.url.path,
+            headers=exc.headers,
+            # A 422 always lists its invalid inputs; raised like this it names none.
+            errors=[] if exc.status_code == 422 else None,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -9,7 +9,10 @@ on the HTTP path's log messages.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import resource
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -32,10 +35,14 @@ MAX_REQUEST_HEAD_BYTES = 8 * 1024
 # Seconds an idle kept-alive connection stays open. Prometheus scrapes every 15 s or so and
 # reconnects at no cost, so holding descriptors longer buys nothing.
 KEEP_ALIVE_SECONDS = 5
-# Connections the kernel queues before reclaimd accepts them. They hold no descriptor of the
-# daemon, but the event loop accepts up to this many at a time before the new connections'
-# protocols run and close the excess, so a small backlog keeps that burst of descriptors small.
-LISTEN_BACKLOG = 64
+# The event loop accepts up to this many connections at once (asyncio takes uvicorn's backlog
+# for it) before their protocols run and close the excess: a small batch keeps that burst of
+# descriptors small, far below what the HTTP share leaves spare.
+ACCEPT_BATCH = 64
+# Connections the kernel queues until reclaimd accepts them (capped by net.core.somaxconn):
+# they cost the daemon no descriptor, and a long queue keeps a client's connection in line
+# behind a flood instead of dropped (its SYN retried only after 1 s, 3 s, 7 s...).
+LISTEN_QUEUE = 1024
 
 
 def build_server(
@@ -63,7 +70,7 @@ def build_server(
         http=BoundedH11Protocol.with_limits(limits),
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        backlog=LISTEN_BACKLOG,
+        backlog=ACCEPT_BATCH,
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -74,7 +81,32 @@ def build_server(
     )
     # uvicorn configures its loggers when the Config is made; the limit goes on after that.
     limit_repeats()
-    return uvicorn.Server(config)
+    return BoundedServer(config, defer_accept=math.ceil(settings.http_read_timeout))
+
+
+class BoundedServer(uvicorn.Server):
+    """uvicorn's server, with its listening sockets set up against connection floods."""
+
+    def __init__(self, config: uvicorn.Config, defer_accept: int) -> None:
+        super().__init__(config)
+        self.defer_accept = defer_accept
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in getattr(self, "servers", ()):
+            for listener in server.sockets:
+                tune_listener(listener.fileno(), self.defer_accept)
+
+
+def tune_listener(fd: int, defer_accept: int) -> None:
+    """Set the listening socket ``fd``'s queue to :data:`LISTEN_QUEUE` and defer accepting a
+    connection until its first data arrives, for up to ``defer_accept`` seconds (Linux): a
+    connection that sends nothing stays in the kernel for that long, costing no descriptor."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        if hasattr(socket, "TCP_DEFER_ACCEPT") and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+        # listen() again on a listening socket changes only the length of its queue.
+        sock.listen(LISTEN_QUEUE)
 
 
 def _ssl_context(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 
 from api.deps import DaemonDep, TokenDep, VMDep, json_body, shown
 from api.problems import problems
@@ -36,18 +37,21 @@ async def set_balloon(
     body = await json_body(request, BalloonRequest)
     ram = vm.memory.ram_bytes
     if ram is not None and body.target_bytes > ram:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"target_bytes {body.target_bytes} exceeds the VM's RAM ({ram} bytes)",
-        )
+        raise invalid_target(f"{body.target_bytes} exceeds the VM's RAM ({ram} bytes)")
     try:
         await daemon.set_balloon(vm.name, body.target_bytes, requester=who)
     except UnknownVM:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no VM named {shown(vm.name)}") from None
     except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        raise invalid_target(str(exc)) from None
     except VMUnavailable as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return BalloonAccepted(
         vm=vm.name, target_bytes=body.target_bytes, actual_bytes=vm.balloon.actual_bytes
     )
+
+
+def invalid_target(reason: str) -> RequestValidationError:
+    """A 422 for a target the VM cannot take, located at the body's ``target_bytes``."""
+    issue = {"loc": ("body", "target_bytes"), "msg": reason, "type": "value_error"}
+    return RequestValidationError([issue])
