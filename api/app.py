@@ -15,7 +15,7 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import problems
-from api.deps import _bearer
+from api.deps import BEARER_SCHEME
 from api.limits import BodyLimit
 from api.metrics import exposition
 from api.readauth import ReadAuth, is_open
@@ -82,7 +82,7 @@ def create_app(
 
     schemes = {"basicAuth": {"type": "http", "scheme": "basic"}} if users else {}
     if users:
-        schemes[_bearer.scheme_name] = {"type": "http", "scheme": "bearer"}
+        schemes[BEARER_SCHEME] = {"type": "http", "scheme": "bearer"}
     problems.document(
         app,
         authenticated=lambda path: bool(users) and not is_open(path),

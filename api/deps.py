@@ -17,6 +17,7 @@ from daemon.fleet import VMState
 from daemon.service import Reclaimd
 
 _bearer = HTTPBearer(auto_error=False)
+BEARER_SCHEME = _bearer.scheme_name  # its name in the OpenAPI document
 Body = TypeVar("Body", bound=BaseModel)
 
 
