@@ -29,8 +29,9 @@ from daemon.service import Reclaimd
 
 log = logging.getLogger(__name__)
 
-# A request line and headers beyond 8 KiB are refused (400), as nginx's default buffers do;
-# reclaimd's own requests need a few hundred bytes.
+# h11 holds at most this much of a request head that has not ended, then answers 400 (a head
+# that arrives complete in one read is parsed whole); reclaimd's requests need a few hundred
+# bytes.
 MAX_REQUEST_HEAD_BYTES = 8 * 1024
 # Seconds an idle kept-alive connection stays open. Prometheus scrapes every 15 s or so and
 # reconnects at no cost, so holding descriptors longer buys nothing.

@@ -157,3 +157,15 @@ async def test_a_connection_that_sends_nothing_is_closed(small: tuple[str, Recla
     assert await closed_by_server(silent, within=6), "a connection that sends nothing stays"
     assert closed_total("read_timeout") == timeouts_before + 1
     silent[1].close()
+
+
+async def test_no_more_than_8_kib_of_an_unfinished_request_head_is_held(
+    small: tuple[str, Reclaimd],
+) -> None:
+    # h11 bounds what it buffers of an incomplete head: a head that has not ended within 8 KiB
+    # is refused at once (a complete head read in one go is parsed whole).
+    url, _ = small
+    conn = await connect(url, b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Padding: " + b"p" * 9000)
+    answer = await asyncio.wait_for(conn[0].read(65536), 2)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    conn[1].close()
