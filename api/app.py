@@ -1,25 +1,46 @@
-"""The FastAPI application. Its lifespan runs the daemon, so one process serves everything."""
+"""The FastAPI application. Its lifespan runs the daemon, so one process serves everything.
+
+Around the routes, outermost first: the body limit (``api.limits``: 413 before anything is
+read), then, with users in the web config, read authentication (``api.readauth``: 401 before
+any route runs). Every error is a problem details body (``api.problems``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from api import problems
+from api.deps import BEARER_SCHEME
+from api.limits import BodyLimit
 from api.metrics import exposition
+from api.readauth import ReadAuth, is_open
 from api.routes import balloon, health, host, vms
+from api.schemas import BalloonRequest
 from api.version import VERSION
+from api.webconfig import WebConfig
 from daemon.config import Settings
 from daemon.service import Reclaimd
 
+_METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
-def create_app(settings: Settings, daemon: Reclaimd | None = None) -> FastAPI:
-    """Build the app around ``daemon`` (a new one from ``settings`` by default)."""
+
+def create_app(
+    settings: Settings, daemon: Reclaimd | None = None, web: WebConfig | None = None
+) -> FastAPI:
+    """Build the app around ``daemon`` (a new one from ``settings`` by default); ``web`` is the
+    loaded web config, whose users turn on read authentication."""
     daemon = daemon or Reclaimd(settings)
+    users = web.users if web is not None else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,25 +59,34 @@ def create_app(settings: Settings, daemon: Reclaimd | None = None) -> FastAPI:
     )
     app.state.daemon = daemon
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get(
+        "/metrics",
+        operation_id="getMetrics",
+        response_class=Response,
+        responses=_METRICS_RESPONSE,
+    )
     async def metrics() -> Response:
+        """Prometheus metrics: VM data under ``qemu_``, the daemon's own under ``reclaimd_``."""
         # Runs on the event loop: it only reads in-memory state (cost: bench/bench_scrape.py).
         return Response(exposition(daemon.fleet), media_type=CONTENT_TYPE_LATEST)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()
-        ]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(first["loc"])
-        return JSONResponse(
-            status_code=422, content={"detail": f"{where}: {first['msg']}", "errors": errors}
-        )
 
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(balloon.router)
     app.include_router(host.router)
+    problems.install(app)
+    # Middleware added last runs first: the body limit sees every request before anything else.
+    if users:
+        app.add_middleware(ReadAuth, users=users, token=settings.token)
+    app.add_middleware(BodyLimit)
+
+    schemes = {"basicAuth": {"type": "http", "scheme": "basic"}} if users else {}
+    if users:
+        schemes[BEARER_SCHEME] = {"type": "http", "scheme": "bearer"}
+    problems.document(
+        app,
+        authenticated=lambda path: bool(users) and not is_open(path),
+        schemes=schemes,
+        models=(BalloonRequest,),
+    )
     return app

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
 from daemon.fleet import VMState
 from daemon.guest_stats import STATS, GuestStats
@@ -287,17 +287,18 @@ class EventPage(BaseModel):
 
 
 class BalloonRequest(BaseModel):
-    target_bytes: int = Field(gt=0, description="memory the guest should have after the change")
+    model_config = ConfigDict(extra="forbid")
+
+    # Strict: JSON true or 1.5 is not a size. QEMU's balloon target is an int64.
+    target_bytes: StrictInt = Field(
+        gt=0, le=2**63 - 1, description="memory the guest should have after the change"
+    )
 
 
 class BalloonAccepted(BaseModel):
     vm: str
     target_bytes: int
     actual_bytes: int | None = Field(description="the balloon's size when the request was sent")
-
-
-class Problem(BaseModel):
-    detail: str
 
 
 class ReportedRangeOut(BaseModel):

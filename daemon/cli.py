@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
             journal=args.journal,
             socket_glob=args.socket_glob,
             listen_socket=args.listen_socket,
+            web_config=args.web_config,
         )
         if vms:
             settings = settings.model_copy(update={"vm": [*settings.vm, *vms]})
@@ -34,9 +35,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from api.server import run  # the HTTP stack loads only for serving
 
-    if settings.listen_host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.listen_host not in ("127.0.0.1", "localhost", "::1") and not settings.web_config:
         logging.getLogger("reclaimd").warning(
-            "listening on %s: the API is reachable beyond this host", settings.listen
+            "listening on %s: the API is reachable beyond this host, in plain HTTP and with no "
+            "read authentication (see --web-config)",
+            settings.listen,
         )
     return run(settings)
 
@@ -110,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--journal", type=Path, help="SQLite event journal path")
     serve.add_argument("--socket-glob", help="watched glob of QMP sockets (connect mode)")
     serve.add_argument("--listen-socket", type=Path, help="Unix socket QEMUs connect to")
+    serve.add_argument(
+        "--web-config",
+        type=Path,
+        help="TLS and basic authentication for the API, in the web config format of "
+        "Prometheus' exporters (also RECLAIMD_WEB_CONFIG)",
+    )
     serve.set_defaults(func=_serve)
 
     vms = sub.add_parser("vms", help="table of VMs from a running reclaimd")

@@ -10,6 +10,7 @@ Example ``reclaimd.toml``::
     journal = "/var/lib/reclaimd/journal.sqlite3"
     socket_glob = "/run/qemu/*.qmp"          # connect mode, VMs follow their sockets
     listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
+    web_config = "/etc/reclaimd/web-config.yml"  # TLS and basic auth (api/webconfig.py)
 
     [[vm]]
     name = "web1"
@@ -130,6 +131,24 @@ class Settings(BaseSettings):
     )
     token: SecretStr | None = Field(
         default=None, description="Bearer token for balloon changes; unset refuses them all"
+    )
+    web_config: Path | None = Field(
+        default=None,
+        description="TLS and basic authentication of the API: a web config file in the format "
+        "of Prometheus' exporter-toolkit (api/webconfig.py); unset: plain HTTP, no read auth",
+    )
+    http_max_connections: int = Field(
+        default=256,
+        ge=4,
+        le=65536,
+        description="HTTP connections open at most (and never over a quarter of the open "
+        "files limit); beyond it the oldest idle connection is closed",
+    )
+    http_read_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="seconds a connection has to send a whole request (head and body)",
     )
     journal: Path = Field(default_factory=lambda: _default_state_dir() / "journal.sqlite3")
     journal_max_events: int = Field(default=1_000_000, ge=1000)

@@ -6,7 +6,7 @@ instruments live in their own registry so tests and embedders get exactly the da
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # A `_created` series per counter and histogram only adds series; dashboards never read them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -41,5 +41,23 @@ RESIDENCY_SCAN_SECONDS = Histogram(
     "reclaimd_residency_scan_seconds",
     "Duration of one host residency scan of a VM's guest RAM",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)
+HTTP_CONNECTIONS = Gauge(
+    "reclaimd_http_connections",
+    "HTTP connections open to the API",
+    registry=REGISTRY,
+)
+HTTP_CONNECTION_LIMIT = Gauge(
+    "reclaimd_http_connection_limit",
+    "HTTP connections the API keeps open at most (see docs/operations.md)",
+    registry=REGISTRY,
+)
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "reclaimd_http_connections_closed",
+    "HTTP connections the API closed to stay within its bounds, by reason "
+    "(limit: the oldest idle one beyond the connection limit; read_timeout: no whole request "
+    "in time)",
+    ["reason"],
     registry=REGISTRY,
 )

@@ -11,7 +11,7 @@ from api.version import VERSION
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", operation_id="getHealth", response_model=Health)
 async def healthz(daemon: DaemonDep) -> Health:
     vms = list(daemon.fleet)
     return Health(

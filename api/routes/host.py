@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from api.deps import VMDep
-from api.schemas import EstimateOut, EstimatePage, Problem, RangePage, ReportedRangeOut, WhatIfOut
+from api.problems import problems
+from api.schemas import EstimateOut, EstimatePage, RangePage, ReportedRangeOut, WhatIfOut
 from daemon.model import MAX_PAGE_ORDER
 
 router = APIRouter(prefix="/api/v1/vms", tags=["host"])
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
 
 
-@router.get("/{name}/reported-ranges", response_model=RangePage, responses=NOT_FOUND)
+@router.get(
+    "/{name}/reported-ranges",
+    operation_id="listReportedRanges",
+    response_model=RangePage,
+    responses=problems(404, 422),
+)
 async def reported_ranges(
     vm: VMDep,
-    since: Annotated[float | None, Query(ge=0, description="only ranges seen after")] = None,
+    since: Annotated[
+        float | None, Query(ge=0, allow_inf_nan=False, description="only ranges seen after")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> RangePage:
     """Blocks that free page reporting returned to the host, newest first."""
@@ -35,7 +42,12 @@ async def reported_ranges(
     )
 
 
-@router.get("/{name}/estimate", response_model=EstimatePage, responses=NOT_FOUND)
+@router.get(
+    "/{name}/estimate",
+    operation_id="getEstimate",
+    response_model=EstimatePage,
+    responses=problems(404, 422),
+)
 async def get_estimate(
     vm: VMDep,
     order: Annotated[

@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from api.deps import DaemonDep, VMDep
-from api.schemas import Event, EventPage, Problem, VMDetail, VMList, VMSummary
+from api.problems import problems
+from api.schemas import Event, EventPage, VMDetail, VMList, VMSummary
 
 router = APIRouter(prefix="/api/v1/vms", tags=["vms"])
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem, "description": "no VM of that name"}
-}
+# Journal ids are SQLite integers: signed 64-bit. A cursor beyond is refused (422), not passed on.
+MAX_EVENT_ID = 2**63 - 1
+NOT_FOUND = problems(404)
+NOT_FOUND[404]["description"] = "no VM of that name"
 
 
-@router.get("", response_model=VMList)
+@router.get("", operation_id="listVMs", response_model=VMList)
 async def list_vms(daemon: DaemonDep) -> VMList:
     return VMList(vms=[VMSummary.from_state(vm) for vm in daemon.fleet])
 
 
-@router.get("/{name}", response_model=VMDetail, responses=NOT_FOUND)
+@router.get(
+    "/{name}",
+    operation_id="getVM",
+    response_model=VMDetail,
+    responses={**NOT_FOUND, **problems(422)},
+)
 async def get_vm(vm: VMDep) -> VMDetail:
     return VMDetail.from_state(vm)
 
 
-@router.get("/{name}/events", response_model=EventPage, responses=NOT_FOUND)
+@router.get(
+    "/{name}/events",
+    operation_id="listVMEvents",
+    response_model=EventPage,
+    responses={**NOT_FOUND, **problems(422)},
+)
 async def list_events(
     vm: VMDep,
     daemon: DaemonDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     since: Annotated[
-        float | None, Query(ge=0, description="only entries recorded at/after")
+        float | None,
+        Query(ge=0, allow_inf_nan=False, description="only entries recorded at/after"),
     ] = None,
-    before_id: Annotated[int | None, Query(ge=1, description="paging cursor")] = None,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=MAX_EVENT_ID, description="paging cursor")
+    ] = None,
 ) -> EventPage:
     entries = daemon.events(vm.name, since=since, before_id=before_id, limit=limit + 1)
     more = len(entries) > limit

@@ -66,7 +66,14 @@ async def test_vm_list_and_detail(
 async def test_unknown_vm_is_404_json(client: httpx.AsyncClient) -> None:
     reply = await client.get("/api/v1/vms/nope")
     assert reply.status_code == 404
-    assert reply.json() == {"detail": "no VM named 'nope'"}
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.json() == {
+        "type": "about:blank",
+        "title": "Not Found",
+        "status": 404,
+        "detail": "no VM named 'nope'",
+        "instance": "/api/v1/vms/nope",
+    }
     assert (await client.get("/api/v1/vms/nope/events")).status_code == 404
 
 
