@@ -138,6 +138,7 @@ class Reconciler:
     _prediction: _Prediction | None = field(default=None, repr=False)
     _discarded_before: int = 0  # the host's counter at the previous moment
     _freed_since_fit: int = 0
+    _grown_big: int = 0  # freed at or above the reporting order at the last moment
     _discarded_at_fit: int = 0
     _last_agent_at: float | None = None
     _pending_since: float | None = None
@@ -150,6 +151,7 @@ class Reconciler:
             self.ever_discarded = True
         previous = list(self.split) if self.split is not None else None
         previous_at = self.at
+        self._grown_big = 0
         if self.split is None or self.at is None or moment.at > self.at:
             self._replay(moment)
         if agent is not None and agent.at != self._last_agent_at:
@@ -172,6 +174,8 @@ class Reconciler:
             self.residual_pages = abs(sum(self.split[order:]) - sum(split[order:]))
             self.residual_at = moment.at
             self._learn_from(previous, split)
+            order = min(self.reporting_order, NR_ORDERS)
+            self._grown_big = max(0, sum(split[order:]) - sum(previous[order:]))
         if agent.reporting_order is not None:
             self.reporting_order = agent.reporting_order
         self.split, self.at, self.source = split, moment.at, "agent"
@@ -205,8 +209,10 @@ class Reconciler:
         if allocated > from_big:
             split = allocate(split, allocated - from_big, self.alloc_order)
         if freed > 0:
+            before = sum(split[self.reporting_order :])
             split = release(split, freed, self._profile())
             self._freed_since_fit += freed
+            self._grown_big = sum(split[self.reporting_order :]) - before
         # Allocation could not be served from orders at or above alloc_order: whatever is left
         # below it must go too, so the split never claims more than the guest has free.
         split = _scaled(split, free)
@@ -258,15 +264,15 @@ class Reconciler:
         self, moment: Moment, previous: list[int] | None, previous_at: float | None
     ) -> None:
         """A prediction of what upstream reports, once the guest freed memory at or above the
-        reporting order: what the split grew there (reported since included, so a report faster
-        than the stats still counts), summed over moments until it is worth a prediction."""
+        reporting order: what frees added there (reported since or not, so a report faster than
+        the stats still counts), summed over moments until it is worth a prediction."""
         assert self.split is not None
-        order = self.reporting_order
         if self.pending_pages(moment) <= 0:
             self._pending_since = None
         if previous is None:
             return
-        grown = sum(self.split[order:]) - sum(previous[order:])
+        # Only what frees added counts: big blocks the host saw reported were there already.
+        grown = self._grown_big
         rise = sum(self.split) - sum(previous)
         if grown <= 0:
             return
@@ -275,10 +281,10 @@ class Reconciler:
             self._pending_since = freed_at  # upstream was notified then
         p = self._prediction
         if p is not None and p.made_at is not None:
-            # More freed before the first was reported: one prediction for both, timed from
-            # the first free (upstream's worker is already scheduled).
+            # More freed before the first was reported: one prediction for both. Upstream is
+            # asked again by these frees, so it reports them a pass after them.
             p.pages += grown
-            p.due_at = p.freed_at + self._report_seconds(p.pages)
+            p.due_at = max(p.due_at, freed_at + self._report_seconds(p.pages))
             p.burst = max(p.burst, rise)
             return
         if p is None:  # a first small free: gather until there is enough to judge
@@ -294,7 +300,7 @@ class Reconciler:
         p.burst = max(p.burst, rise)
         if p.pages >= PREDICT_MIN_PAGES:
             p.made_at = moment.at
-            p.due_at = p.freed_at + self._report_seconds(p.pages)
+            p.due_at = freed_at + self._report_seconds(p.pages)
 
     def _report_seconds(self, pending: int) -> float:
         """Upstream's time to report ``pending`` pages, spread over the lists at or above the
