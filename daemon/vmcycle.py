@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY = 10.0  # seconds before retrying a host view that failed
 AGENT_ALIGNED = 3.0  # seconds: an agent read this close to the stats' moment is of it
+REPORT_LOOK_AFTER = 0.3  # seconds after a predicted report that the host looks
+REPORT_LOOK_EVERY = 1.0  # and then every this many seconds
+REPORT_LOOK_WINDOW = 6.0  # for this long after it (a pass or two late is "slow")
+MAX_REPORT_WAIT = 30.0  # a prediction further ahead is looked at on the schedule
 _closing: set[asyncio.Task[None]] = set()  # agent closes in flight, kept from the collector
 
 
@@ -120,15 +124,17 @@ class VMCycle:
         self._cpu_seconds = 0.0  # of the last scan
         vm.ranges = self.ledger.history
 
-    async def __call__(self, monitor: Monitor) -> None:
-        """Run one cycle (see the module docstring)."""
+    async def __call__(self, monitor: Monitor) -> float | None:
+        """Run one cycle (see the module docstring). Returns when (``time.monotonic()``) a
+        cycle should run before the next one the schedule has: just after upstream is due to
+        have reported what the guest freed, so the host sees it then."""
         await monitor.poll()
         await self._read_agent()
         try:
             scan = await self._scan_if_due()
         except Exception as exc:
             self._failed(exc)
-            return
+            return None
         if scan is not None and monitor.connected:
             await monitor.read_balloon()
         try:
@@ -136,6 +142,22 @@ class VMCycle:
             self._publish()
         except Exception as exc:
             self._failed(exc)
+            return None
+        return self._look_when_due()
+
+    def _look_when_due(self) -> float | None:
+        """Scan when a predicted report is due, and each second for a few seconds after,
+        whatever the cadence says: so the host sees the report when it happens."""
+        due = self.free.report_due_at if self.free is not None else None
+        if due is None:
+            return None
+        now = time.time()
+        if now > due + REPORT_LOOK_WINDOW or due - now > MAX_REPORT_WAIT:
+            return None
+        after = due - now + REPORT_LOOK_AFTER if now < due else REPORT_LOOK_EVERY
+        at = time.monotonic() + after
+        self._next_scan = min(self._next_scan, at)
+        return at
 
     def _failed(self, exc: Exception) -> None:
         # A bug in the host view or ledger must never cost the VM its monitor session.

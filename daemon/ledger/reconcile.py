@@ -484,8 +484,10 @@ def _hold_at_most(split: list[int], pages: int, order: int) -> list[int]:
 
 
 def _half_interval(moment: Moment, last_at: float | None) -> float:
-    """How long before ``moment.at`` a change first seen now probably happened: half the time
-    since the previous moment (the guest pushes stats every few seconds)."""
+    """How long before ``moment.at`` a change first seen now probably happened: half-way
+    between the previous stats push and this one (the guest pushes every few seconds), and
+    QEMU stamps a push with the whole second it arrived in, so the push was half a second
+    after its stamp on average."""
     if last_at is None:
         return 0.0
-    return max(0.0, min(moment.at - last_at, 10.0)) / 2
+    return max(0.0, min(moment.at - last_at, 10.0) / 2 - 0.5)

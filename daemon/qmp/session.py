@@ -41,8 +41,9 @@ from daemon.qmp.intake import Followups, apply_event, record
 from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.schedule import PollSchedule
 
-#: What a session runs each poll, with the monitor of the attached connection.
-Cycle = Callable[[QMPMonitor], Awaitable[None]]
+#: What a session runs each poll, with the monitor of the attached connection. It may return a
+#: ``time.monotonic()`` time for an extra cycle before the next scheduled one.
+Cycle = Callable[[QMPMonitor], Awaitable[float | None]]
 Transitions = Mapping[SessionState, frozenset[SessionState]]
 
 S = SessionState
@@ -65,9 +66,10 @@ POLL_TRANSITIONS: Transitions = {
 STOPPING_CAUSE = "reclaimd is stopping"
 
 
-async def poll_only(monitor: QMPMonitor) -> None:
+async def poll_only(monitor: QMPMonitor) -> float | None:
     """The cycle of a session without a host view: read the monitor."""
     await monitor.poll()
+    return None
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -257,13 +259,15 @@ class Session(SessionBase):
             loop = asyncio.get_running_loop()
             schedule = PollSchedule(self.settings.poll_interval, loop.time())
             while True:
-                await self.cycle(monitor)
+                extra = await self.cycle(monitor)
                 stats = self.vm.guest_stats
                 due = schedule.advance(
                     loop.time(),
                     stats.age(self.vm.last_poll or time.time()) if stats is not None else None,
                     self.vm.balloon.stats_polling_interval,
                 )
+                if extra is not None:  # an early cycle; the schedule keeps its deadline
+                    due = min(due, loop.time() + max(0.0, extra - time.monotonic()))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(due):
                         await wake.wait()
@@ -328,15 +332,19 @@ class PollSession(SessionBase):
     async def run(self) -> None:
         try:
             while not self.stopping:
-                await self.poll_once()
-                await self._sleep_unless_stopped(self.settings.poll_interval)
+                extra = await self.poll_once()
+                wait = self.settings.poll_interval
+                if extra is not None:
+                    wait = min(wait, max(0.0, extra - time.monotonic()))
+                await self._sleep_unless_stopped(wait)
             if self.vm.up:
                 self._record_detach(STOPPING_CAUSE)
         finally:
             self._set(S.STOPPED)
 
-    async def poll_once(self) -> None:
-        """One connect-read-disconnect cycle; the VM is up when it succeeded."""
+    async def poll_once(self) -> float | None:
+        """One connect-read-disconnect cycle; the VM is up when it succeeded. Returns the
+        cycle's wish for an early next one (see ``Cycle``)."""
         was_up = self.vm.up
         try:
             async with self._lock:
@@ -344,19 +352,20 @@ class PollSession(SessionBase):
                 try:
                     await conn.connect(self.address, self.settings.connect_timeout)
                     await probe.attach(conn, self.vm, stats_interval=self.settings.stats_interval)
-                    await self.cycle(QMPMonitor(conn, self.vm))
+                    extra = await self.cycle(QMPMonitor(conn, self.vm))
                 finally:
                     await conn.close()
         except QMPSessionError as exc:
             self._set(S.DISCONNECTED, str(exc))
             if was_up:
                 self._record_detach(str(exc))
-            return
+            return None
         if not was_up:
             self.vm.attached_at = self.vm.last_poll
             self._record_attach(mode="poll", address=self.vm.address)
         self._set(S.RUNNING)
         self.vm.last_error = None
+        return extra
 
     async def command(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         """Run one command on a short-lived connection."""

@@ -58,7 +58,7 @@ def test_without_an_agent_frees_are_predicted_reported_and_the_split_corrected()
     # The guest frees 200 MiB in large blocks; upstream will report it 2 s after.
     state = r.observe(moment(2, 300 * MiB, absent=40 * MiB, discarded=40 * MiB))
     assert state.pending_pages > 0 and state.report_due_at is not None
-    assert state.pending_since == T0 + 1.0  # half-way between the two stats pushes
+    assert state.pending_since == T0 + 1.5  # half-way between the two pushes (stamped late)
     assert state.report_due_at - state.pending_since == 2.0  # one pass suffices
     # The host sees all of it discarded: reporting is effective, and what is left at or above
     # the reporting order is what the host has back.
