@@ -74,6 +74,7 @@ class Monitor(Protocol):
 
 AGENT_WAIT = 0.25  # seconds a cycle waits for the agent read it started; later, the next uses it
 AGENT_MOVED = 0.01  # of RAM: a change of free memory that is worth a new agent read
+STATS_MOVED = 0.01  # of RAM: a change of free memory that makes a scan due at once
 
 
 class AgentSource(Protocol):
@@ -113,6 +114,7 @@ class VMCycle:
         self.free: FreeState | None = None
         self._moment_key: tuple[Any, ...] | None = None
         self._touched = 0  # the ledger's refaults and first touches, as last replayed
+        self._free_at_scan: int | None = None  # the guest's free memory at the last scan
         self.agent = agent
         self.agent_path = agent_path
         self.agent_refresh = agent_refresh
@@ -237,9 +239,20 @@ class VMCycle:
         return moved or time.monotonic() - asked >= self.agent_refresh
 
     async def _scan_if_due(self) -> GuestRamScan | None:
+        """Scan when the cadence says so, or when the guest's free memory moved since the
+        last scan: stats of a moment want the host view of that moment."""
         view = self._ensure_view()
-        if time.monotonic() < self._next_scan:
+        stats = self.vm.guest_stats
+        free = stats.free_bytes if stats is not None and stats.valid else None
+        ram = self.vm.memory.ram_bytes or 0
+        moved = (
+            free is not None
+            and self._free_at_scan is not None
+            and abs(free - self._free_at_scan) >= STATS_MOVED * ram
+        )
+        if time.monotonic() < self._next_scan and not moved:
             return None
+        self._free_at_scan = free
         loop = asyncio.get_running_loop()
         result, cpu_seconds = await loop.run_in_executor(self.scanner, _timed_scan, view)
         if isinstance(result, Unavailable):

@@ -157,8 +157,8 @@ class Reconciler:
         if agent is not None and agent.at != self._last_agent_at:
             self._from_agent(agent, moment, previous)
         if moment.reporting and self.reporting_order <= MAX_PAGE_ORDER:
+            self._judge(moment)  # a prediction that came due first, then what is new
             self._predict(moment, previous, previous_at)
-            self._judge(moment)
         else:
             self._prediction = None
             self.verdict, self.evidence = "off", "free page reporting is not negotiated"
