@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final, Literal
 
+from daemon.untrusted import clean_text
+
 Kind = Literal["gauge", "counter"]
 
 # Legacy metric and label names: what every Prometheus version parses without quoting.
@@ -26,7 +28,13 @@ _checked_label_names: set[str] = set()  # a handful of constant names: check eac
 
 
 def escape_label_value(value: str) -> str:
-    """Escape backslash, newline and double quote, in that order (as prometheus_client)."""
+    """Escape backslash, newline and double quote, in that order (as prometheus_client).
+
+    Text UTF-8 cannot encode (lone surrogates, from a VM) becomes U+FFFD first: label values
+    come from VMs, and one that cannot be encoded would fail the whole scrape.
+    """
+    if not value.isascii():
+        value = clean_text(value, len(value))
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
@@ -41,7 +49,9 @@ def format_value(value: float) -> str:
     Python's ``repr`` of the float, except infinities and NaN spelled the Go way, and positive
     numbers with more than six digits before the point in exponent form (``2.147483648e+09``),
     because Go switches to exponents sooner than Python. Ints and bools are converted to float
-    first, so an int above 2**53 is rounded exactly as prometheus_client rounds it.
+    first, so an int above 2**53 is rounded exactly as prometheus_client rounds it; an int
+    beyond the range of a float is written as an infinity of its sign (prometheus_client
+    would raise, and fail the whole scrape for one value).
     """
     if type(value) is int and 0 <= value < _EXACT_INTS:
         # Most samples are byte counts: written from the int's digits, which is what repr()
@@ -50,7 +60,10 @@ def format_value(value: float) -> str:
             return f"{value}.0"
         digits = str(value)
         return f"{digits[0]}.{digits[1:]}".rstrip("0.") + f"e+{len(digits) - 1:02d}"
-    d = float(value)
+    try:
+        d = float(value)
+    except OverflowError:  # an int of more than about 308 digits
+        d = math.inf if value > 0 else -math.inf
     if d == math.inf:
         return "+Inf"
     if d == -math.inf:

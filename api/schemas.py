@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model
 
 from daemon.fleet import VMState
 from daemon.guest_stats import STATS, GuestStats
@@ -289,9 +289,14 @@ class EventPage(BaseModel):
 class BalloonRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Strict: JSON true or 1.5 is not a size. QEMU's balloon target is an int64.
+    # Strict: JSON true, 1.5 or "1" is not a size. QEMU's balloon target is an int64.
     target_bytes: StrictInt = Field(
         gt=0, le=2**63 - 1, description="memory the guest should have after the change"
+    )
+    force: StrictBool = Field(
+        default=False,
+        description="set a target below the guest's used memory plus the margin (or the "
+        "configured minimum), which is refused otherwise",
     )
 
 

@@ -12,22 +12,29 @@ Example ``reclaimd.toml``::
     listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
     web_config = "/etc/reclaimd/web-config.yml"  # TLS and basic auth (api/webconfig.py)
 
+    listen_socket_group = "libvirt-qemu"     # whose members' QEMUs may connect (socket 0660)
+    balloon_min_bytes = "256M"                # no balloon target below this without "force"
+
     [[vm]]
     name = "web1"
     address = "unix:/run/qemu/web1.qmp"
     mode = "connect"                          # or "poll" for a socket another manager uses
+    balloon_min_bytes = "1G"                  # this VM's floor when its guest sends no stats
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.model.cli import parse_size
 
 DEFAULT_PORT = 9947
 AttachMode = Literal["connect", "poll"]
@@ -35,6 +42,20 @@ AttachMode = Literal["connect", "poll"]
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which setting and why."""
+
+
+def _size(value: object) -> object:
+    """A size in bytes from an integer or a string such as ``512M`` or ``4GiB``."""
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except argparse.ArgumentTypeError as exc:  # what the CLI's parser raises
+            raise ValueError(str(exc)) from None
+    return value
+
+
+#: Bytes, from an integer or a size string (``512M``); positive.
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,11 @@ class VMConfig(BaseModel):
         if value is not None and Address.parse(value).kind != "unix":
             raise ValueError(f"agent {value!r}: expected unix:/path")
         return value
+
+    balloon_min_bytes: Size | None = Field(
+        default=None,
+        description="no balloon target below this unless forced (see Settings.balloon_min_bytes)",
+    )
 
     @field_validator("address")
     @classmethod
@@ -161,6 +187,21 @@ class Settings(BaseSettings):
     listen_socket: Path | None = Field(
         default=None, description="Unix socket that QEMUs connect to (listen mode)"
     )
+    listen_socket_group: str | None = Field(
+        default=None,
+        description="group (name or gid) whose members may connect to the listen socket; the "
+        "socket is then 0660 and its directory 0710 with that group (else 0600 and 0700)",
+    )
+    listen_allowed_uids: list[int] = Field(
+        default_factory=list,
+        description="uids besides root and reclaimd's own that may connect to the listen socket",
+    )
+    balloon_min_bytes: Size | None = Field(
+        default=None,
+        description="no balloon target below this unless the request says force: the floor "
+        "where a guest sends no usable stats (a VM's own setting takes precedence); with "
+        "stats, also a minimum under the guest's used memory plus the margin",
+    )
     poll_interval: float = Field(default=2.0, ge=0.1, le=3600)
     stats_interval: int = Field(
         default=2,
@@ -189,6 +230,13 @@ class Settings(BaseSettings):
         le=3600,
         description="seconds between agent reads while the guest's free memory stays put",
     )
+    event_rate: float = Field(
+        default=500.0,
+        gt=0,
+        description="QMP events a second applied per VM (QEMU itself sends guest-triggered "
+        "events at most once a second each); beyond, they are dropped and counted",
+    )
+    event_burst: float = Field(default=5000.0, ge=1, description="events above the rate at once")
     command_timeout: float = Field(default=5.0, gt=0, le=600)
     connect_timeout: float = Field(default=5.0, gt=0, le=600)
     backoff_initial: float = Field(default=0.5, gt=0)

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from daemon.guest_stats import GuestStats
+from daemon.untrusted import one_line
 
 if TYPE_CHECKING:
     # What the poll cycle publishes from the ledger: the fleet holds it but, at run time,
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from daemon.ledger.status import HostStatus
 
 AttachKind = Literal["connect", "poll", "listen"]
+#: ``VMState.last_error`` is at most this long: causes quote what a peer sent.
+MAX_ERROR = 512
 
 
 class SessionState(StrEnum):
@@ -128,7 +131,7 @@ class VMState:
             self.state_since = time.time()
         self.up = state == SessionState.RUNNING
         if error is not None:
-            self.last_error = error
+            self.last_error = one_line(error, MAX_ERROR)
 
 
 class Fleet:
@@ -139,6 +142,9 @@ class Fleet:
 
     def add(self, name: str, address: str, attach: AttachKind) -> VMState:
         """Register a VM, or return the existing record when the same VM re-registers."""
+        # A socket's path may hold bytes that are not UTF-8 (escaped as surrogates): the
+        # address is for display, so it is kept as valid text.
+        address = one_line(address, 1024)
         vm = self._vms.get(name)
         if vm is None or vm.attach != attach or vm.address != address:
             vm = VMState(name=name, address=address, attach=attach)

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
+from daemon.untrusted import MAX_INT, clean_text, describe, type_name
+
 __all__ = [
     "FUTURE_TOLERANCE_S",
     "STATS",
@@ -43,11 +45,12 @@ __all__ = [
 #: QEMU's value for a stat the guest has not sent.
 UNSET: Final = 2**64 - 1
 #: Values above this (other than UNSET) are impossible: no counter or size gets near 2^63.
-MAX_VALUE: Final = 2**63 - 1
+MAX_VALUE: Final = MAX_INT
 #: How far ``last-update`` may be ahead of ``now`` before it is a problem (clock steps).
 FUTURE_TOLERANCE_S: Final = 10.0
 #: Unknown stat names kept per reply, so a hostile peer cannot make a reply arbitrarily large.
 MAX_UNKNOWN: Final = 64
+MAX_UNKNOWN_NAME: Final = 64
 
 StatKind = Literal["gauge", "counter"]
 
@@ -212,7 +215,7 @@ def parse_guest_stats(
     """
     problems: list[str] = []
     if not isinstance(reply, Mapping):
-        return _invalid(f"reply is not an object but {_type_name(reply)}")
+        return _invalid(f"reply is not an object but {type_name(reply)}")
 
     if "last-update" in reply:
         last_update = _parse_last_update(reply["last-update"], problems, now)
@@ -224,7 +227,7 @@ def parse_guest_stats(
         problems.append("stats are missing")
         stats = {}
     elif not isinstance(stats, Mapping):
-        problems.append(f"stats is not an object but {_type_name(stats)}")
+        problems.append(f"stats is not an object but {type_name(stats)}")
         stats = {}
 
     values: dict[str, Any] = {}  # GuestStats field -> int | None
@@ -237,7 +240,7 @@ def parse_guest_stats(
             if isinstance(key, str) and key.startswith("stat-") and len(unknown) < MAX_UNKNOWN:
                 value = _parse_value(key, raw, [])
                 if value is not None:
-                    unknown[key] = value
+                    unknown[clean_text(key, MAX_UNKNOWN_NAME)] = value
             continue
         values[name] = _parse_value(key, raw, problems)
 
@@ -277,12 +280,12 @@ def _invalid(problem: str) -> GuestStats:
 
 def _parse_last_update(raw: object, problems: list[str], now: float | None) -> float | None:
     if type(raw) is not int:
-        problems.append(f"last-update is not an integer but {_describe(raw)}")
+        problems.append(f"last-update is not an integer but {describe(raw)}")
         return None
     if raw == 0:
         return None
     if not 0 < raw <= MAX_VALUE:
-        problems.append(f"last-update {_describe(raw)} is out of range")
+        problems.append(f"last-update {describe(raw)} is out of range")
         return None
     now = time.time() if now is None else now
     if math.isfinite(now) and raw > now + FUTURE_TOLERANCE_S:
@@ -293,15 +296,15 @@ def _parse_last_update(raw: object, problems: list[str], now: float | None) -> f
 def _parse_value(stat: str, raw: object, problems: list[str]) -> int | None:
     # bool is an int subclass, and JSON true is not a number.
     if type(raw) is not int:
-        problems.append(f"{stat} is not an integer but {_describe(raw)}")
+        problems.append(f"{stat} is not an integer but {describe(raw)}")
         return None
     if raw == UNSET:
         return None
     if raw < 0:
-        problems.append(f"{stat} is negative: {_describe(raw)}")
+        problems.append(f"{stat} is negative: {describe(raw)}")
         return None
     if raw > MAX_VALUE:
-        problems.append(f"{stat} is impossibly large: {_describe(raw)}")
+        problems.append(f"{stat} is impossibly large: {describe(raw)}")
         return None
     return raw
 
@@ -336,34 +339,3 @@ def _size(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n} B"
-
-
-def _describe(value: object) -> str:
-    """A short, safe description of an untrusted value for a problem message."""
-    if type(value) is int:
-        # Printing a huge int is slow and, past 4300 digits, an error.
-        return str(value) if value.bit_length() <= 128 else f"a {value.bit_length()}-bit integer"
-    if isinstance(value, float | str | bool) or value is None:
-        text = repr(value)
-        return text if len(text) <= 40 else f"{text[:37]}..."
-    return _type_name(value)
-
-
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    for kind, name in _JSON_TYPE_NAMES:
-        if isinstance(value, kind):
-            return name
-    return f"a {type(value).__name__}"
-
-
-# bool before int: True is an int too.
-_JSON_TYPE_NAMES: Final = (
-    (bool, "a boolean"),
-    (int, "an integer"),
-    (float, "a number"),
-    (str, "a string"),
-    (Mapping, "an object"),
-    (list, "an array"),
-)

@@ -6,7 +6,15 @@ instruments live in their own registry so tests and embedders get exactly the da
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import asyncio
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 # A `_created` series per counter and histogram only adds series; dashboards never read them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -30,6 +38,20 @@ QMP_RECONNECTS = Counter(
     "reclaimd_qmp_reconnects",
     "Times a VM's QMP session was re-established after a loss",
     ["vm"],
+    registry=REGISTRY,
+)
+QMP_EVENTS_DROPPED = Counter(
+    "reclaimd_qmp_events_dropped",
+    "QMP events of a VM dropped before they were recorded (event queue or journal saturated "
+    "by a flood), counted as they are dropped",
+    ["vm"],
+    registry=REGISTRY,
+)
+LISTEN_REFUSED = Counter(
+    "reclaimd_listen_refused",
+    "Connections to the listen socket refused, by reason (peer_uid: not allowed to connect; "
+    "identity: claimed an attached VM's identity; handshake: no valid QMP handshake)",
+    ["reason"],
     registry=REGISTRY,
 )
 JOURNAL_ERRORS = Counter(
@@ -61,3 +83,19 @@ HTTP_CONNECTIONS_CLOSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+
+def _tasks() -> float:
+    # A scrape runs on the daemon's event loop; anywhere else there is nothing to count.
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return float("nan")
+
+
+ASYNCIO_TASKS = Gauge(
+    "reclaimd_asyncio_tasks",
+    "Tasks on the daemon's event loop: steady for a steady fleet (growth is a leak)",
+    registry=REGISTRY,
+)
+ASYNCIO_TASKS.set_function(_tasks)

@@ -1,12 +1,14 @@
 """The daemon: the journal, the fleet, and one supervised session with its poll cycle per VM.
 
-``Reclaimd.start`` opens the journal and starts the VM sources (static VMs, a watched socket
+``Reclaimd.start`` opens the journal (recording a detach for every VM a previous process left
+attached: it died without detaching them) and starts the VM sources (static VMs, a watched socket
 glob, a listen socket). ``Reclaimd.stop`` shuts down in two phases like uvicorn: stop intake (no
 new VMs), then ask every session to stop (each closes its connection and records its detach),
 wait for them up to a timeout, and cancel only what has not finished by then.
 
 The API reads the fleet, asks for a VM's journal through ``events`` and changes a VM only
-through ``set_balloon``; it never sees a session or a connection.
+through ``set_balloon``, which refuses to squeeze a guest below what it uses (``balloon_floor``)
+unless told to; it never sees a session or a connection.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import stat
+import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +26,12 @@ from typing import Any
 from daemon.agent import AgentReader, SocketTransport
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import AttachKind, Fleet, VMState
-from daemon.instruments import QMP_RECONNECTS
+from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS
 from daemon.journal import Journal, JournalEntry
+from daemon.ledger.estimate import margin_for
 from daemon.qmp.discovery import SocketWatcher
 from daemon.qmp.errors import CommandFailed, QMPSessionError
-from daemon.qmp.intake import record
+from daemon.qmp.intake import fold_event_counts, record
 from daemon.qmp.listener import Listener
 from daemon.qmp.session import Cycle, PollSession, Session, SessionBase, poll_only
 from daemon.vmcycle import VMCycle
@@ -35,6 +39,12 @@ from daemon.vmcycle import VMCycle
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
+RESTARTED_CAUSE = "reclaimd restarted without detaching (the previous process died)"
+#: Guest statistics older than this say nothing about the memory the guest uses now.
+STATS_MAX_AGE = 60.0
+#: How long a page of events waits for the VM's entries to be committed at most.
+EVENTS_WAIT = 5.0
+MiB = 1 << 20
 
 
 class UnknownVM(LookupError):
@@ -43,6 +53,10 @@ class UnknownVM(LookupError):
 
 class VMUnavailable(Exception):
     """The VM cannot take the request now (not attached, no balloon, QEMU refused)."""
+
+
+class BelowFloor(ValueError):
+    """A balloon target below what the guest needs (see ``Reclaimd.balloon_floor``)."""
 
 
 class Reclaimd:
@@ -78,6 +92,15 @@ class Reclaimd:
             max_events=self.settings.journal_max_events,
             max_age_days=self.settings.journal_max_age_days,
         )
+        # Before any session attaches: the attaches still open are the dead process's.
+        dangling = self.journal.close_dangling_attaches(RESTARTED_CAUSE)
+        if dangling:
+            log.warning(
+                "journal: %d VMs were left attached by a previous reclaimd that did not stop "
+                "cleanly; recorded their detach (%s)",
+                len(dangling),
+                ", ".join(dangling[:10]) + (", ..." if len(dangling) > 10 else ""),
+            )
         # One thread scans for all VMs (see daemon.vmcycle for why only one).
         self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
@@ -96,6 +119,7 @@ class Reclaimd:
                 self.settings,
                 self.fleet,
                 session_for=self._listened_session,
+                journal=self.journal,
             )
             self._listener.open()
             self._spawn_intake(self._listener.run(), "qmp-listener")
@@ -130,7 +154,8 @@ class Reclaimd:
             cycle.close()
         self._cycles.clear()
         if self.journal is not None:
-            self.journal.close()
+            # Commits what the sessions recorded last (their detaches), off the event loop.
+            await asyncio.to_thread(self.journal.close)
             self.journal = None
         self.started = False
 
@@ -141,7 +166,7 @@ class Reclaimd:
         while True:
             await asyncio.sleep(PRUNE_INTERVAL)
             if self.journal is not None:
-                self.journal.prune()
+                await asyncio.to_thread(self.journal.prune)
 
     # -- VMs -----------------------------------------------------------------------------------
 
@@ -155,7 +180,8 @@ class Reclaimd:
         known = self.fleet.get(name)
         vm = self.fleet.add(name, address, attach)
         if vm is not known:
-            vm.event_counts = self._journal().event_counts(name)
+            # Within the per-VM bound of names, also for a journal written before there was one.
+            vm.event_counts = fold_event_counts(self._journal().event_counts(name))
         return vm
 
     def _cycle(self, vm: VMState, agent: str | None = None) -> Cycle:
@@ -243,8 +269,9 @@ class Reclaimd:
         if cycle is not None:
             cycle.close()
         self.fleet.remove(name)
-        with contextlib.suppress(KeyError):
-            QMP_RECONNECTS.remove(name)
+        for series in (QMP_RECONNECTS, QMP_EVENTS_DROPPED):
+            with contextlib.suppress(KeyError):
+                series.remove(name)
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)
@@ -261,17 +288,78 @@ class Reclaimd:
 
     # -- reads and actions for the API -----------------------------------------------------
 
-    def events(
+    async def events(
         self, name: str, *, since: float | None, before_id: int | None, limit: int
     ) -> list[JournalEntry]:
-        """A page of the VM's journal, newest first (the API's one way into the journal)."""
-        return self._journal().entries(name, since=since, before_id=before_id, limit=limit)
+        """A page of the VM's journal, newest first (the API's one way into the journal).
 
-    async def set_balloon(self, name: str, target_bytes: int, *, requester: str) -> None:
+        It includes everything recorded for the VM before the call (a balloon request just
+        made, the events already applied to its record): when the VM has entries not yet
+        committed, the page waits for them off the event loop, which only a flooding VM's
+        pages ever do, for a group commit.
+        """
+        journal = self._journal()
+        last = journal.last_submitted(name)
+        if last > journal.acknowledged_id:
+            await asyncio.to_thread(journal.wait_acknowledged, last, EVENTS_WAIT)
+        return journal.entries(name, since=since, before_id=before_id, limit=limit)
+
+    def balloon_floor(self, vm: VMState) -> tuple[int | None, str]:
+        """The lowest balloon target that leaves the guest what it needs, and how it was found.
+
+        With the guest's statistics (valid, at most STATS_MAX_AGE old): its used memory
+        (total - available, less the balloon where deflate-on-oom counts it as used) plus the
+        estimate's margin (5 % of RAM, at least 64 MiB), and at least the configured minimum.
+        Without them: the configured minimum (the VM's ``balloon_min_bytes``, else the
+        daemon's). None when there is neither: nothing tells how low is safe.
+        """
+        configured = self._configured_floor(vm.name)
+        stats, ram = vm.guest_stats, vm.memory.ram_bytes
+        age = stats.age(time.time()) if stats is not None else None
+        usable = (
+            stats is not None
+            and stats.valid
+            and stats.total_bytes is not None
+            and stats.available_bytes is not None
+            and age is not None
+            and age <= STATS_MAX_AGE
+        )
+        if not usable or stats is None:
+            why = vm.guest_stats_error or "no guest statistics"
+            if stats is not None and stats.valid and age is not None and age > STATS_MAX_AGE:
+                why = f"the guest's statistics are {age:.0f} s old"
+            if configured is None:
+                return None, f"{why}, and no balloon_min_bytes is configured"
+            return configured, f"the configured minimum ({why})"
+        assert stats.total_bytes is not None and stats.available_bytes is not None
+        used = max(0, stats.total_bytes - stats.available_bytes)
+        actual = vm.balloon.actual_bytes
+        if vm.balloon.deflate_on_oom and ram is not None and actual is not None:
+            used = max(0, used - (ram - actual))  # the balloon's pages count as used there
+        margin = margin_for(ram)
+        floor = used + margin
+        how = f"the guest's used memory ({_mib(used)}) plus the margin ({_mib(margin)})"
+        if configured is not None and configured > floor:
+            return configured, f"the configured minimum (above {how})"
+        return floor, how
+
+    def _configured_floor(self, name: str) -> int | None:
+        for vm in self.settings.vm:
+            if vm.name == name and vm.balloon_min_bytes is not None:
+                return vm.balloon_min_bytes
+        return self.settings.balloon_min_bytes
+
+    async def set_balloon(
+        self, name: str, target_bytes: int, *, requester: str, force: bool = False
+    ) -> None:
         """Ask QEMU to move the balloon so the guest has ``target_bytes``; journalled.
 
-        Raises UnknownVM, ValueError (out of bounds) or VMUnavailable (the VM cannot take it).
+        Raises UnknownVM; ValueError for a target that is not an integer in 1..RAM, and
+        BelowFloor (a ValueError) for one below ``balloon_floor`` unless ``force``;
+        VMUnavailable when the VM cannot take it.
         """
+        if type(target_bytes) is not int:  # JSON true is an int to Python: not a size
+            raise ValueError(f"target_bytes must be an integer, not {type(target_bytes).__name__}")
         vm = self.fleet.get(name)
         session = self.sessions.get(name)
         if vm is None or session is None:
@@ -283,8 +371,20 @@ class Reclaimd:
             raise ValueError(f"target {target_bytes} outside 1..{ram} (the VM's RAM)")
         if not vm.balloon.present:
             raise VMUnavailable(f"{name}: no virtio-balloon device")
+        floor, how = self.balloon_floor(vm)
+        if not force and (floor is None or target_bytes < floor):
+            if floor is None:
+                raise BelowFloor(
+                    f"cannot tell how low {name} can go: {how}; send force to override"
+                )
+            raise BelowFloor(
+                f"send force to go below {_mib(floor)}: target {_mib(target_bytes)} would leave "
+                f"the guest short of memory ({how})"
+            )
         journal = self._journal()
-        data = {"target_bytes": target_bytes, "requester": requester}
+        data: dict[str, object] = {"target_bytes": target_bytes, "requester": requester}
+        if force:
+            data.update(force=True, floor_bytes=floor)
         try:
             await session.command("balloon", {"value": target_bytes})
         except QMPSessionError as exc:
@@ -294,3 +394,7 @@ class Reclaimd:
             raise VMUnavailable(str(exc)) from exc
         vm.balloon.target_bytes = target_bytes
         record(journal, name, "request", "balloon", data)
+
+
+def _mib(n: int) -> str:
+    return f"{n} bytes ({n / MiB:.0f} MiB)" if n >= MiB else f"{n} bytes"

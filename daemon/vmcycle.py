@@ -35,7 +35,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol
 
 from daemon.agent import AgentProblem, FreeLists
-from daemon.fleet import AgentStatus, VMState
+from daemon.fleet import MAX_ERROR, AgentStatus, VMState
 from daemon.guest_stats import GuestStats
 from daemon.host.cadence import ScanCadence
 from daemon.host.mtree import GuestPhysMap
@@ -47,6 +47,7 @@ from daemon.ledger.ranges import Ledger, LedgerSummary
 from daemon.ledger.reconcile import AgentSplit, FreeState, Moment, Reconciler
 from daemon.ledger.status import HostStatus
 from daemon.model import PAGE_SIZE
+from daemon.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ class VMCycle:
     def _failed(self, exc: Exception) -> None:
         # A bug in the host view or ledger must never cost the VM its monitor session.
         log.exception("host view of %s failed", self.vm.name, exc_info=exc)
-        self.vm.host = HostStatus.failed("internal_error", f"{type(exc).__name__}: {exc}")
+        self.vm.host = HostStatus.failed(
+            "internal_error", one_line(f"{type(exc).__name__}: {exc}", MAX_ERROR)
+        )
 
     def close(self) -> None:
         """The VM is gone: stop an agent read in flight, close the agent, drop the view."""
@@ -290,7 +293,7 @@ class VMCycle:
             stats=vm.guest_stats,
             stats_problem=vm.guest_stats_error,
             ledger=aligned,
-            host_problem=str(self.problem) if self.problem else None,
+            host_problem=one_line(str(self.problem), MAX_ERROR) if self.problem else None,
             free=self.free,
             agent_at=self.free_lists.at
             if self.free is not None and self.free.source == "agent" and self.free_lists
@@ -300,7 +303,8 @@ class VMCycle:
         vm.host = HostStatus(
             available=latest is not None and self.problem is None,
             problem=self.problem.reason.value if self.problem else None,
-            problem_detail=self.problem.detail if self.problem else None,
+            # Details quote paths and names QEMU gave: bounded, valid text.
+            problem_detail=one_line(self.problem.detail, MAX_ERROR) if self.problem else None,
             reporting_effective=result.reporting_effective,
             scan_interval_seconds=self.cadence.cost and self.cadence.cost / self.cadence.budget,
             ledger=latest,

@@ -39,7 +39,7 @@ async def set_balloon(
     if ram is not None and body.target_bytes > ram:
         raise invalid_target(f"{body.target_bytes} exceeds the VM's RAM ({ram} bytes)")
     try:
-        await daemon.set_balloon(vm.name, body.target_bytes, requester=who)
+        await daemon.set_balloon(vm.name, body.target_bytes, requester=who, force=body.force)
     except UnknownVM:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no VM named {shown(vm.name)}") from None
     except ValueError as exc:

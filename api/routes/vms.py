@@ -50,7 +50,7 @@ async def list_events(
         int | None, Query(ge=1, le=MAX_EVENT_ID, description="paging cursor")
     ] = None,
 ) -> EventPage:
-    entries = daemon.events(vm.name, since=since, before_id=before_id, limit=limit + 1)
+    entries = await daemon.events(vm.name, since=since, before_id=before_id, limit=limit + 1)
     more = len(entries) > limit
     entries = entries[:limit]
     return EventPage(

@@ -12,12 +12,22 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.untrusted import vm_name
+
 
 def vm_name_for(path: Path, taken: set[str]) -> str:
-    """Name a VM after its socket: ``/run/qemu/web1.qmp`` -> ``web1``; unique among ``taken``."""
-    name = path.stem if path.suffix in (".qmp", ".sock", ".socket", ".mon") else path.name
+    """Name a VM after its socket: ``/run/qemu/web1.qmp`` -> ``web1``; unique among ``taken``.
+
+    Whoever can create files in the watched directory chooses the name, so it is reduced to
+    the characters of configured names (``daemon.untrusted.vm_name``).
+    """
+    stem = path.stem if path.suffix in (".qmp", ".sock", ".socket", ".mon") else path.name
+    name = vm_name(stem) or "socket"
     if name in taken:
-        name = f"{path.parent.name}-{name}"
+        name = vm_name(f"{path.parent.name}-{name}") or name
+    base, n = name, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
     return name
 
 

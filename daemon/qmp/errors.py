@@ -18,6 +18,12 @@ A ``QMPSessionError`` is trouble with one VM's monitor: its session records the 
 
 from __future__ import annotations
 
+from daemon.untrusted import one_line
+
+#: Bounds of what QEMU's error replies put in a message: they are the peer's text.
+MAX_ERROR_CLASS = 64
+MAX_DESCRIPTION = 400
+
 
 class QMPSessionError(Exception):
     """Base of every error the QMP layer raises for trouble with a VM's monitor."""
@@ -40,6 +46,8 @@ class CommandFailed(QMPSessionError):
     """QEMU replied with an error to a command."""
 
     def __init__(self, command: str, error_class: str, description: str) -> None:
+        error_class = one_line(str(error_class), MAX_ERROR_CLASS)
+        description = one_line(str(description), MAX_DESCRIPTION)
         super().__init__(f"{command}: {error_class}: {description}")
         self.command = command
         self.error_class = error_class

@@ -3,6 +3,12 @@
 Every function takes a connected ``QMPConnection`` and writes what it learns into a ``VMState``.
 Replies are checked for shape: a QEMU that answers nonsense gets a recorded problem, not a crash.
 A command that a QEMU lacks (``CommandNotFound``) leaves its fields unknown with the reason.
+
+Replies are untrusted and are cleaned where they enter (``daemon.untrusted``): text becomes
+valid and bounded, sizes must be integers in [0, 2^63) (RAM) or [0, RAM] (the balloon), and
+structures are bounded copies. What QEMU itself decides and cannot be right otherwise (the
+RAM size, the run state) fails the attach with ``BadReply`` when it is malformed; what the guest
+moves (the balloon) is kept unknown with the problem recorded, and the session goes on.
 """
 
 from __future__ import annotations
@@ -12,8 +18,18 @@ from typing import Any
 
 from daemon.fleet import VMState
 from daemon.guest_stats import parse_guest_stats
-from daemon.qmp.connection import QMPConnection
+from daemon.qmp.connection import READ_LIMIT, QMPConnection
 from daemon.qmp.errors import BadReply, CommandFailed
+from daemon.untrusted import (
+    MAX_INT,
+    bad_size,
+    bounded_int,
+    clean_json,
+    clean_text,
+    describe,
+    one_line,
+    text_or_none,
+)
 
 # QOM types of virtio-balloon front ends; the device path depends on its id (or lack of one).
 BALLOON_TYPES = frozenset(
@@ -26,18 +42,26 @@ BALLOON_TYPES = frozenset(
     }
 )
 BALLOON_PARENTS = ("/machine/peripheral", "/machine/peripheral-anon")
+MAX_NAME = 128  # -name, QOM names, memory backend ids
+MAX_UUID = 64
+MAX_STATUS = 32
+MAX_DEVICES = 256  # memory devices and backends: QEMU allows 256 DIMM slots
+MAX_PATH = 4096
+#: guest-stats-polling-interval is a number of seconds.
+MAX_STATS_INTERVAL = 2**31 - 1
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise BadReply(f"{what}: expected an object, got {type(value).__name__}")
+        raise BadReply(f"{what}: expected an object, got {describe(value)}")
     return value
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadReply(f"{what}: expected a non-negative integer, got {value!r}")
-    return value
+def _size(value: Any, what: str, high: int = MAX_INT) -> int:
+    size = bounded_int(value, 0, high)
+    if size is None:
+        raise BadReply(f"{what}: {bad_size(value, high)}")
+    return size
 
 
 async def read_identity(conn: QMPConnection, vm: VMState) -> None:
@@ -45,34 +69,38 @@ async def read_identity(conn: QMPConnection, vm: VMState) -> None:
     vm.qemu_version, vm.qemu_package = conn.qemu_version
     vm.pid = conn.peer_pid if conn.peer_pid is not None else vm.pid
     name = _dict(await conn.execute("query-name"), "query-name")
-    vm.qemu_name = name.get("name") if isinstance(name.get("name"), str) else None
+    vm.qemu_name = text_or_none(name.get("name"), MAX_NAME)
     uuid = _dict(await conn.execute("query-uuid"), "query-uuid")
-    vm.uuid = uuid.get("UUID") if isinstance(uuid.get("UUID"), str) else None
+    vm.uuid = text_or_none(uuid.get("UUID"), MAX_UUID)
     await read_status(conn, vm)
 
 
 async def read_status(conn: QMPConnection, vm: VMState) -> None:
     status = _dict(await conn.execute("query-status"), "query-status")
-    vm.status = str(status.get("status", "unknown"))
-    vm.running = bool(status.get("running", False))
+    text = status.get("status", "unknown")
+    if not isinstance(text, str):
+        raise BadReply(f"query-status status: expected a string, got {describe(text)}")
+    vm.status = one_line(text, MAX_STATUS)
+    vm.running = status.get("running") is True
 
 
 async def read_memory(conn: QMPConnection, vm: VMState) -> None:
     """RAM size, memory devices (DIMMs, virtio-mem) and memory backends."""
     summary = _dict(await conn.execute("query-memory-size-summary"), "query-memory-size-summary")
-    vm.memory.base_bytes = _int(summary.get("base-memory"), "base-memory")
+    base = _size(summary.get("base-memory"), "base-memory")
     plugged = summary.get("plugged-memory")
-    vm.memory.plugged_bytes = _int(plugged, "plugged-memory") if plugged is not None else None
+    # Together under 2^63 too: every size the VM reports later is bounded by their sum.
+    vm.memory.plugged_bytes = (
+        _size(plugged, "plugged-memory", MAX_INT - base) if plugged is not None else None
+    )
+    vm.memory.base_bytes = base
     for command, attr in (("query-memory-devices", "devices"), ("query-memdev", "memdevs")):
         try:
             reply = await conn.execute(command)
         except CommandFailed:
             reply = []
-        setattr(
-            vm.memory,
-            attr,
-            [d for d in reply if isinstance(d, dict)] if isinstance(reply, list) else [],
-        )
+        items = reply[:MAX_DEVICES] if isinstance(reply, list) else []
+        setattr(vm.memory, attr, [clean_json(d) for d in items if isinstance(d, dict)])
 
 
 async def read_ram_layout(conn: QMPConnection, vm: VMState) -> None:
@@ -80,12 +108,13 @@ async def read_ram_layout(conn: QMPConnection, vm: VMState) -> None:
     try:
         reply = await conn.execute("x-query-ramblock")
         text = reply.get("human-readable-text") if isinstance(reply, dict) else None
-        vm.memory.ramblock_text = text if isinstance(text, str) else None
+        # Block names from here are served with reported ranges: valid text.
+        vm.memory.ramblock_text = clean_text(text, READ_LIMIT) if isinstance(text, str) else None
     except CommandFailed:
         vm.memory.ramblock_text = None  # QEMU < 6.2 has no x-query-ramblock
     try:
         mtree = await conn.execute("human-monitor-command", {"command-line": "info mtree -f"})
-        vm.memory.mtree_text = mtree if isinstance(mtree, str) else None
+        vm.memory.mtree_text = clean_text(mtree, READ_LIMIT) if isinstance(mtree, str) else None
     except CommandFailed:
         vm.memory.mtree_text = None
     vm.memory.mem_paths = {}
@@ -99,7 +128,8 @@ async def read_ram_layout(conn: QMPConnection, vm: VMState) -> None:
             )
         except CommandFailed:
             continue  # not a file backend (ram, memfd) or not an object path
-        if isinstance(path, str) and path:
+        # A path the host view cannot open as it is (cut, or not valid text) is not kept.
+        if isinstance(path, str) and path and path == clean_text(path, MAX_PATH):
             vm.memory.mem_paths[backend] = path
 
 
@@ -113,9 +143,10 @@ async def find_balloon(conn: QMPConnection) -> tuple[str, str] | None:
         for entry in entries if isinstance(entries, list) else []:
             if not isinstance(entry, dict):
                 continue
-            kind = str(entry.get("type", ""))
-            if kind.startswith("child<") and kind[6:-1] in BALLOON_TYPES:
-                return f"{parent}/{entry.get('name')}", kind[6:-1]
+            kind, name = entry.get("type"), text_or_none(entry.get("name"), MAX_NAME)
+            device = kind[6:-1] if isinstance(kind, str) and kind.startswith("child<") else ""
+            if name and device in BALLOON_TYPES:
+                return f"{parent}/{name}", device
     return None
 
 
@@ -139,7 +170,9 @@ async def read_balloon(conn: QMPConnection, vm: VMState, *, stats_interval: int)
     interval = await conn.execute(
         "qom-get", {"path": balloon.qom_path, "property": "guest-stats-polling-interval"}
     )
-    balloon.stats_polling_interval = _int(interval, "guest-stats-polling-interval")
+    balloon.stats_polling_interval = _size(
+        interval, "guest-stats-polling-interval", MAX_STATS_INTERVAL
+    )
     if balloon.stats_polling_interval == 0 and stats_interval > 0:
         await conn.execute(
             "qom-set",
@@ -157,11 +190,21 @@ async def read_balloon_actual(conn: QMPConnection, vm: VMState) -> None:
     if not vm.balloon.present:
         return
     try:
-        reply = _dict(await conn.execute("query-balloon"), "query-balloon")
+        reply = await conn.execute("query-balloon")
     except CommandFailed as exc:
         vm.balloon.problem = str(exc)
         return
-    vm.balloon.actual_bytes = _int(reply.get("actual"), "query-balloon actual")
+    # QEMU computes actual from a size the guest writes: a hostile guest moves it anywhere.
+    raw = reply.get("actual") if isinstance(reply, dict) else reply
+    actual = bounded_int(raw, 0, vm.memory.ram_bytes or MAX_INT)
+    if actual is None:
+        vm.balloon.actual_bytes = None
+        vm.balloon.problem = (
+            f"query-balloon actual: {bad_size(raw, vm.memory.ram_bytes or MAX_INT)}"
+        )
+        return
+    vm.balloon.actual_bytes = actual
+    vm.balloon.problem = None
 
 
 async def read_guest_stats(conn: QMPConnection, vm: VMState) -> None:

@@ -18,12 +18,21 @@ What a poll does is the caller's: each session calls its ``cycle`` with a ``QMPM
 schedule (``daemon.vmcycle`` runs the whole cycle; the default only polls the monitor).
 ``request_stop()`` asks a session to finish: it leaves its cycle, closes the connection, records
 the detach and stops, so shutdown needs no cancellation unless a session does not finish in time.
+
+Reconnecting: the backoff starts over whenever a session reached running (a QEMU that restarts
+is not a flapping monitor), and a Unix socket that is replaced while a session waits (a new QEMU
+bound it) ends the wait at once. Events QEMU sent before a connection ended are recorded
+whatever ended it, before its detach. A VM gets ``event_rate`` events a second applied (in
+bursts of ``event_burst``): beyond that, and when a flood outruns the session, events are
+dropped and counted as they are (``VMState.events_dropped``,
+``reclaimd_qmp_events_dropped_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections import deque
@@ -37,7 +46,14 @@ from daemon.journal import Journal
 from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import ConnectFailed, QMPSessionError, SessionLost, TransitionError
-from daemon.qmp.intake import Followups, apply_event, record
+from daemon.qmp.intake import (
+    EventBudget,
+    Followups,
+    apply_event,
+    count_dropped,
+    drop_event,
+    record,
+)
 from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.schedule import PollSchedule
 
@@ -64,6 +80,8 @@ POLL_TRANSITIONS: Transitions = {
     S.STOPPED: frozenset(),
 }
 STOPPING_CAUSE = "reclaimd is stopping"
+SOCKET_CHECK_INTERVAL = 0.1  # seconds between looks at the socket file while backing off
+PUMP_BURST = 16  # events applied before the pump lets other tasks run
 
 
 async def poll_only(monitor: QMPMonitor) -> float | None:
@@ -156,7 +174,7 @@ class Session(SessionBase):
         self._rng = rng or random.Random()
         self._conn: QMPConnection | None = None
         self._attached_before = False
-        self._running_since: float | None = None
+        self._reached_running = False
 
     # -- connect mode --------------------------------------------------------------------------
 
@@ -177,24 +195,36 @@ class Session(SessionBase):
                     await self.serve(conn)
                 if self.stopping:
                     break
-                if self._ran_long_enough():
+                if self._reached_running:
+                    # It attached and ran: what ended it is not a monitor that keeps failing,
+                    # so the next attempt comes soon (a restarted QEMU is back in a second).
+                    self._reached_running = False
                     attempt = 0
                 delay = backoff_delay(
                     attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
                 )
                 attempt += 1
                 self._set(S.BACKOFF)
-                await self._sleep_unless_stopped(delay)
+                if await self._back_off(delay) == "replaced":
+                    attempt = 0  # another QEMU's socket: start over
         finally:
             self._set(S.STOPPED)
 
-    def _ran_long_enough(self) -> bool:
-        # A session that stayed up for a while starts its backoff over; a flapping one does not.
-        if self._running_since is None:
-            return False
-        ran = time.monotonic() - self._running_since
-        self._running_since = None
-        return ran > max(10.0, 4 * self.settings.poll_interval)
+    async def _back_off(self, seconds: float) -> str:
+        """Wait ``seconds``, or less: "stopped" when asked to stop, "replaced" when the Unix
+        socket was replaced (or appeared) meanwhile, else "waited"."""
+        path = self.address.path if self.address is not None else ""
+        if not path:
+            return "stopped" if await self._sleep_unless_stopped(seconds) else "waited"
+        before = _socket_identity(path)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if await self._sleep_unless_stopped(min(left, SOCKET_CHECK_INTERVAL)):
+                return "stopped"
+            now = _socket_identity(path)
+            if now is not None and now != before:
+                return "replaced"
+        return "waited"
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -204,7 +234,11 @@ class Session(SessionBase):
         """
         self._conn = conn
         attached = False
+        followups = Followups()
         cause = "closed"  # replaced below; kept if cancelled
+        if conn.events_dropped:  # dropped before this session took the connection (listen)
+            count_dropped(self.vm, conn.events_dropped)
+        conn.on_event_dropped = lambda: count_dropped(self.vm)
         try:
             self._set(S.ATTACHING)
             try:
@@ -215,12 +249,17 @@ class Session(SessionBase):
                 return cause
             attached = True
             self._on_attached()
-            cause = await self._follow(conn)
+            cause = await self._follow(conn, followups)
             return cause
         finally:
             self._conn = None
             await conn.close()
-            self.vm.events_dropped = conn.events_dropped
+            conn.on_event_dropped = None
+            # Events received before the end (until the reader stopped) are history too, also
+            # when the attach failed: apply them before the detach is recorded (a SHUTDOWN is
+            # often the last thing a QEMU says, and may come while reclaimd is attaching).
+            for msg in conn.take_queued_events():
+                apply_event(self.vm, msg, self.journal, followups)
             self._set(S.DISCONNECTED, cause)
             if attached:
                 self._record_detach(cause)
@@ -229,7 +268,7 @@ class Session(SessionBase):
 
     def _on_attached(self) -> None:
         self.vm.attached_at = time.time()
-        self._running_since = time.monotonic()
+        self._reached_running = True
         if self._attached_before:
             self.vm.reconnects += 1
             QMP_RECONNECTS.labels(self.vm.name).inc()
@@ -243,17 +282,27 @@ class Session(SessionBase):
             pid=self.vm.pid,
         )
 
-    async def _follow(self, conn: QMPConnection) -> str:
-        followups = Followups()
+    async def _follow(self, conn: QMPConnection, followups: Followups) -> str:
         monitor = QMPMonitor(conn, self.vm, followups)
         wake = asyncio.Event()
 
+        budget = EventBudget(self.settings.event_rate, self.settings.event_burst)
+
         async def pump_events() -> None:
+            applied = 0
             while True:
                 msg = await conn.next_event()
-                apply_event(self.vm, dict(msg), self.journal, followups)
+                if budget.take():
+                    apply_event(self.vm, msg, self.journal, followups)
+                else:
+                    drop_event(self.vm, msg, followups)
                 if followups.any():
                     wake.set()
+                applied += 1
+                if applied % PUMP_BURST == 0:
+                    # Taking a queued event never suspends: during a flood, let the API and
+                    # the other VMs in between.
+                    await asyncio.sleep(0)
 
         async def poll_forever() -> None:
             loop = asyncio.get_running_loop()
@@ -286,12 +335,7 @@ class Session(SessionBase):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            reason = await conn.close()
-            # Events received before the end (until the reader stopped) are history too:
-            # apply them before the detach is recorded (a SHUTDOWN is often the last thing a
-            # QEMU says, and a failed command can end the session before the pump has run).
-            for msg in conn.take_queued_events():
-                apply_event(self.vm, dict(msg), self.journal, followups)
+            reason = await conn.close()  # serve() records what the reader queued until here
         if stop in done:
             return STOPPING_CAUSE
         # Prefer the reader's own error (what the peer did) over a command's view of it.
@@ -309,6 +353,16 @@ class Session(SessionBase):
         if conn is None or not conn.connected:
             raise SessionLost(f"{self.vm.name} is not attached")
         return await conn.execute(command, arguments)
+
+
+def _socket_identity(path: str) -> tuple[int, int, int] | None:
+    """What tells the file at ``path`` from the one a new QEMU binds there: device, inode and
+    change time (the inode number of a removed socket is soon given to the next file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 class PollSession(SessionBase):

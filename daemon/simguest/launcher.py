@@ -176,6 +176,12 @@ class GuestProcess:
     def stop(self, timeout: float = 5.0) -> int:
         return self._child.stop(timeout)
 
+    def kill(self) -> int:
+        """SIGKILL, as a QEMU that crashes or is killed: no SHUTDOWN, its socket file stays."""
+        with contextlib.suppress(ProcessLookupError):
+            self._child.process.kill()
+        return self._child.process.wait()
+
     def __enter__(self) -> GuestProcess:
         return self
 

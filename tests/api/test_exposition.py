@@ -208,3 +208,30 @@ def test_text_parses_back_to_the_same_samples(kind: Kind, samples: list[tuple[st
         else:
             assert sample.value == expected
             assert math.copysign(1.0, sample.value) == math.copysign(1.0, expected)
+
+
+# -- what a hostile VM can put in a label or a value ----------------------------------------
+
+
+@given(st.text(max_size=30), st.integers(min_value=-(10**400), max_value=10**400))
+def test_any_label_text_and_any_integer_render_and_encode(label: str, value: int) -> None:
+    # Lone surrogates (category Cs, excluded above) become U+FFFD instead of failing the
+    # scrape; an int beyond a float's range is an infinity of its sign, never an OverflowError.
+    family = Family("qemu_x", "x")
+    family.add(render_labels({"vm": label}), value)
+    text = render([family])
+    text.encode()
+    (parsed,) = text_string_to_metric_families(text)
+    (sample,) = parsed.samples
+    assert sample.labels["vm"] == "".join(
+        "\ufffd" if 0xD800 <= ord(c) < 0xE000 else c for c in label
+    )
+    if abs(value) < 2**1000:
+        assert sample.value == float(value)
+    else:
+        assert sample.value == (math.inf if value > 0 else -math.inf)
+
+
+def test_a_lone_surrogate_in_a_label_becomes_a_replacement_character() -> None:
+    assert render_labels({"vm": "a\ud800b"}) == '{vm="a\ufffdb"}'
+    assert format_value(10**400) == "+Inf" and format_value(-(10**400)) == "-Inf"

@@ -130,7 +130,10 @@ def test_poll_mode_and_a_guest_without_balloon_driver(
     assert nd["guest_free_bytes"] is None
     assert "not reported" in nd["guest_stats_problem"]
     assert rd.metric("qemu_guest_memory_free_bytes", vm="nd") is None
+    # Without statistics nothing tells how low is safe: refused unless forced.
     reply = rd.post("/api/v1/vms/nd/balloon", {"target_bytes": 300 * MiB})
+    assert reply.status_code == 422 and "force" in reply.json()["detail"], reply.text
+    reply = rd.post("/api/v1/vms/nd/balloon", {"target_bytes": 300 * MiB, "force": True})
     assert reply.status_code == 202  # QEMU accepts; nothing moves without a driver
     time.sleep(3)
     assert rd.metric("qemu_balloon_actual_bytes", vm="nd") == 512 * MiB

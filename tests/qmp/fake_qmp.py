@@ -2,7 +2,11 @@
 
 It answers like QEMU 7.2 with a balloon device (replies as captured from QEMU), and can be told
 to misbehave the ways real monitors do: never greet, never answer, send malformed JSON, send an
-endless line, or hang up in the middle of a command.
+endless line, or hang up in the middle of a command; and the ways a hostile peer would: any
+reply or greeting replaced by any value (``Behaviour.replies``, ``Behaviour.greeting``),
+including JSON that Python's encoder would not write (``Raw``: lone surrogates, nesting
+hundreds deep, NaN), events sent while reclaimd attaches (``Behaviour.events_after``), and
+floods of events (``emit_many``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,33 @@ class FakeVM:
     running: bool = True
 
 
+@dataclass(frozen=True)
+class Raw:
+    """JSON text sent as it is, where a value goes."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """An error reply in place of a command's return value."""
+
+    error_class: Any
+    desc: Any
+
+
+def encode(value: Any) -> str:
+    """JSON text of ``value``, with ``Raw`` text inserted verbatim (the standard library's
+    encoder escapes lone surrogates, as QEMU would not have to, and recurses)."""
+    if isinstance(value, Raw):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{encode(k)}:{encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(encode(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 @dataclass
 class Behaviour:
     greet: bool = True
@@ -48,6 +79,11 @@ class Behaviour:
     hangup_on: str | None = None  # command that makes the server hang up without replying
     balloon_step: int = 0  # bytes per BALLOON_CHANGE event when converging; 0 = at once
     lacks: frozenset[str] = frozenset()  # commands this QEMU does not have (CommandNotFound)
+    # command -> what it returns instead (a Fail for an error reply); for qom-get the key may
+    # be "qom-get PROPERTY"
+    replies: dict[str, Any] = field(default_factory=dict)
+    greeting: Any = None  # the greeting's "version" member instead of QEMU 7.2's
+    events_after: dict[str, list[Any]] = field(default_factory=dict)  # command -> events sent
 
 
 @dataclass
@@ -119,6 +155,15 @@ class FakeQMPServer:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
 
+    async def emit_many(self, events: list[Any]) -> None:
+        """Send ``events`` (messages: anything ``encode`` takes) in one write: a flood as it
+        arrives from a busy monitor, many messages per read."""
+        data = b"".join(encode(e).encode(errors="surrogatepass") + b"\r\n" for e in events)
+        for writer in list(self._writers):
+            writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
@@ -140,13 +185,10 @@ class FakeQMPServer:
         if not self.behaviour.greet:
             await reader.read()  # accept and say nothing until the peer gives up
             return
-        greeting = {
-            "QMP": {
-                "version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "fake"},
-                "capabilities": ["oob"],
-            }
-        }
-        _send(writer, greeting)
+        version = {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "fake"}
+        if self.behaviour.greeting is not None:
+            version = self.behaviour.greeting
+        _send(writer, {"QMP": {"version": version, "capabilities": ["oob"]}})
         await writer.drain()
         async for msg in _messages(reader):
             name = msg.get("execute")
@@ -161,10 +203,14 @@ class FakeQMPServer:
                 writer.write(b'{"return": "' + b"x" * (10 * MiB) + b'"}\r\n')
                 await writer.drain()
                 continue
-            reply = self._reply(name, msg.get("arguments") or {})
+            reply = self._hostile_reply(name, msg.get("arguments") or {})
+            if reply is None:
+                reply = self._reply(name, msg.get("arguments") or {})
             if "id" in msg:
                 reply["id"] = msg["id"]
             _send(writer, reply)
+            for event in self.behaviour.events_after.get(name, []):
+                _send(writer, event)
             if name == self.behaviour.garbage_after:
                 writer.write(b'{"return": {]]] not json\r\n')
             await writer.drain()
@@ -178,6 +224,16 @@ class FakeQMPServer:
             self.vm.actual += delta if target > self.vm.actual else -delta
             _send(writer, _event("BALLOON_CHANGE", {"actual": self.vm.actual}))
             await writer.drain()
+
+    def _hostile_reply(self, name: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        replies = self.behaviour.replies
+        key = f"{name} {args.get('property')}" if name in ("qom-get", "qom-set") else name
+        if key not in replies and name not in replies:
+            return None
+        value = replies[key] if key in replies else replies[name]
+        if isinstance(value, Fail):
+            return {"error": {"class": value.error_class, "desc": value.desc}}
+        return {"return": value}
 
     def _reply(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vm
@@ -264,7 +320,15 @@ def _error(cls: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": cls, "desc": desc}}
 
 
-def _event(name: str, data: dict[str, Any] | None) -> dict[str, Any]:
+def event(name: Any, data: Any = None, timestamp: Any = None) -> dict[str, Any]:
+    """An event message; the timestamp is now unless given (any value, for hostile ones)."""
+    msg = _event(name, data)
+    if timestamp is not None:
+        msg["timestamp"] = timestamp
+    return msg
+
+
+def _event(name: Any, data: Any) -> dict[str, Any]:
     now = time.time()
     msg: dict[str, Any] = {
         "event": name,
@@ -290,5 +354,6 @@ async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any
             yield msg
 
 
-def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-    writer.write(json.dumps(msg).encode() + b"\r\n")
+def _send(writer: asyncio.StreamWriter, msg: Any) -> None:
+    # surrogatepass: a Raw text may hold what UTF-8 cannot (JSON escapes are the usual way).
+    writer.write(encode(msg).encode(errors="surrogatepass") + b"\r\n")

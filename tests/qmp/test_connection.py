@@ -138,3 +138,33 @@ async def test_messages_are_logged_only_when_debug_logging_is_on(
     )
     assert any("<-- " in r.getMessage() and "actual" in r.getMessage() for r in caplog.records)
     await conn.close()
+
+
+async def test_garbage_right_after_negotiation_is_a_connect_failure_or_a_loss(
+    fake_qmp: Any,
+) -> None:
+    # qemu.qmp asserts its session runs once negotiated: a peer that breaks it at that moment
+    # must cost its connection only, never raise something a session does not handle.
+    server = await fake_qmp(behaviour=Behaviour(garbage_after="qmp_capabilities"))
+    outcomes = set()
+    for _ in range(20):
+        conn = QMPConnection("t", command_timeout=1)
+        try:
+            await conn.connect(addr(server), timeout=1)
+        except ConnectFailed:
+            outcomes.add("refused")
+        else:
+            await conn.wait_lost()
+            outcomes.add("lost")
+        await conn.close()
+    assert outcomes <= {"refused", "lost"} and outcomes
+
+
+async def test_a_command_behind_a_flood_waits_while_the_peer_sends(fake_qmp: Any) -> None:
+    server = await fake_qmp()
+    conn = QMPConnection("t", command_timeout=0.2, event_queue_size=100_000)
+    await conn.connect(addr(server), timeout=1)
+    # More events ahead of the reply than the reader parses in one timeout.
+    await server.emit_many([{"event": "X", "data": {"n": i}} for i in range(60_000)])
+    assert await conn.execute("query-balloon") == {"actual": 512 * 1024 * 1024}
+    await conn.close()

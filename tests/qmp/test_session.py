@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from daemon.config import Address, Settings
 from daemon.fleet import Fleet, SessionState
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.journal import Journal
+from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import TransitionError
 from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.session import (
@@ -25,7 +27,8 @@ from daemon.qmp.session import (
     backoff_delay,
 )
 from daemon.service import Reclaimd
-from tests.qmp.fake_qmp import Behaviour, FakeVM
+from tests.qmp.fake_qmp import Behaviour, FakeQMPServer, FakeVM
+from tests.qmp.fake_qmp import event as fake_event
 
 S = SessionState
 
@@ -91,6 +94,7 @@ async def test_state_sequence_across_a_loss_and_reconnect(
         S.DISCONNECTED,
         S.STOPPED,
     ]
+    session.journal.flush()  # what the session submitted, committed
     entries = session.journal.entries("vm1", limit=10)
     assert [e.name for e in reversed(entries)] == ["attach", "detach", "attach", "detach"]
     assert entries[-2].data["cause"] == "connection closed by peer"
@@ -122,6 +126,7 @@ async def test_events_update_state_and_journal(
     await eventually(lambda: vm.event_counts.get("STOP") == 1)
     assert vm.balloon.actual_bytes == 300 * 1024 * 1024
     assert vm.running is False and vm.status == "paused"
+    session.journal.flush()
     names = [e.name for e in session.journal.entries("vm1", kinds=["event"])]
     assert names == ["STOP", "BALLOON_CHANGE"]
     await stop(task)
@@ -256,6 +261,7 @@ async def test_a_stop_request_ends_the_session_without_cancelling_it(
     await asyncio.wait_for(task, 5)  # it returns by itself
     assert not task.cancelled()
     assert list(session.transitions)[-3:] == [S.RUNNING, S.DISCONNECTED, S.STOPPED]
+    session.journal.flush()
     detach = session.journal.entries("vm1", kinds=["detach"])
     assert [e.data["cause"] for e in detach] == ["reclaimd is stopping"]
     await eventually(lambda: not server._writers)  # the connection was closed
@@ -272,6 +278,7 @@ async def test_a_stop_request_ends_a_poll_session(
     session.request_stop()
     await asyncio.wait_for(task, 5)
     assert session.state == S.STOPPED and not vm.up
+    journal.flush()
     assert [e.name for e in reversed(journal.entries("p"))] == ["attach", "detach"]
 
 
@@ -289,6 +296,7 @@ async def test_events_received_before_a_hang_up_are_recorded_before_the_detach(
     await eventually(lambda: session.vm.reconnects == 1 and session.vm.up)
     await stop(task)
     assert session.vm.event_counts == {"BALLOON_CHANGE": 50, "SHUTDOWN": 1}
+    journal.flush()
     names = [e.name for e in reversed(journal.entries("vm1", limit=100))]
     assert names.index("SHUTDOWN") < names.index("detach")
 
@@ -315,3 +323,110 @@ async def test_a_removed_vm_takes_its_reconnect_series_with_it(
 
 def _daemon_metrics() -> str:
     return generate_latest(DAEMON_REGISTRY).decode()
+
+
+class SmallQueueSession(Session):
+    """A session whose connections queue 4 events at most, so a burst overflows at once."""
+
+    def _new_connection(self) -> QMPConnection:
+        return QMPConnection(self.vm.name, command_timeout=1.0, event_queue_size=4)
+
+
+async def test_dropped_events_are_counted_live_and_across_reconnects(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    burst = [fake_event("BALLOON_CHANGE", {"actual": n}) for n in range(50)]
+    burst += [fake_event("RESET"), *burst[:49]]  # 100 events, one that changes the VM's state
+    # Sent while reclaimd attaches: nothing takes events from the queue until it has.
+    server = await fake_qmp(behaviour=Behaviour(events_after={"query-uuid": burst}))
+    vm = Fleet().add("vm1", f"unix:{server.path}", "connect")
+    address = Address("unix", path=str(server.path))
+    counted_before = _daemon_sample("reclaimd_qmp_events_dropped_total", vm="vm1")  # per process
+    session = SmallQueueSession(vm, settings, journal, address=address)
+    task = asyncio.create_task(session.run())
+    await eventually(lambda: vm.up and vm.event_counts)
+    assert vm.events_dropped == 96  # at once, while the session is up
+    dropped = _daemon_sample("reclaimd_qmp_events_dropped_total", vm="vm1") - counted_before
+    assert dropped == 96
+    assert vm.event_counts.get("RESET") == 1  # kept: the BALLOON_CHANGEs went first
+    server.drop_clients()
+    await eventually(lambda: vm.reconnects == 1 and vm.up and vm.events_dropped == 192)
+    await stop(task)
+    journal.flush()
+    recorded = journal.entries("vm1", kinds=["event"], limit=1000)
+    assert len(recorded) + vm.events_dropped == 200  # every event: recorded or counted
+
+
+async def test_a_shutdown_sent_while_attaching_is_recorded(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    shutdown = fake_event("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+    # QEMU exits while reclaimd attaches: the attach fails, the event is history all the same.
+    behaviour = Behaviour(events_after={"query-uuid": [shutdown]}, hangup_on="query-status")
+    server = await fake_qmp(behaviour=behaviour)
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: "attach failed" in (session.vm.last_error or ""))
+    await stop(task)
+    journal.flush()
+    assert [e.name for e in journal.entries("vm1", kinds=["event"])][-1:] == ["SHUTDOWN"]
+    assert session.vm.status == "shutdown"
+
+
+async def test_the_backoff_starts_over_once_a_session_ran(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    # With the backoff kept across losses, eight losses would wait 0.1 + 0.2 + ... + 6.4 s.
+    settings = settings.model_copy(update={"backoff_initial": 0.1, "backoff_max": 30.0})
+    server = await fake_qmp()
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: session.vm.up)
+    started = time.monotonic()
+    for n in range(1, 9):
+        server.drop_clients()
+        await eventually(lambda n=n: session.vm.reconnects == n and session.vm.up, 5)  # type: ignore[misc]
+    assert time.monotonic() - started < 4
+    await stop(task)
+
+
+async def test_a_new_socket_ends_the_backoff_wait(
+    settings: Settings, journal: Journal, sockdir: Path
+) -> None:
+    settings = settings.model_copy(update={"backoff_initial": 2.0, "backoff_max": 30.0})
+    path = sockdir / "vm1.qmp"
+    first = await FakeQMPServer(path, FakeVM(name="vm1")).start()
+    session, task = start_session(settings, journal, first)
+    await eventually(lambda: session.vm.up)
+    await first.stop()  # QEMU exits and its socket goes: reclaimd backs off, 1-2 s and more
+    await eventually(lambda: session.transitions.count(S.CONNECTING) >= 3, 10)
+    assert session.state == S.BACKOFF
+    second = await FakeQMPServer(path, FakeVM(name="vm1")).start()  # QEMU started again
+    appeared = time.monotonic()
+    await eventually(lambda: session.vm.up, 5)
+    assert time.monotonic() - appeared < 1.0  # well inside the backoff it was waiting out
+    await stop(task)
+    await second.stop()
+
+
+def _daemon_sample(name: str, **labels: str) -> float:
+    return DAEMON_REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_events_beyond_the_budget_are_dropped_but_the_state_stays_right(
+    settings: Settings, journal: Journal, fake_qmp: Any
+) -> None:
+    settings = settings.model_copy(update={"event_rate": 1.0, "event_burst": 5.0})
+    server = await fake_qmp()
+    counted_before = _daemon_sample("reclaimd_qmp_events_dropped_total", vm="vm1")  # per process
+    session, task = start_session(settings, journal, server)
+    vm = session.vm
+    await eventually(lambda: vm.up)
+    server.vm.running = False  # the guest pauses: the STOP comes last, when the budget is spent
+    flood = [fake_event("BALLOON_CHANGE", {"actual": n * 4096}) for n in range(49)]
+    await server.emit_many([*flood, fake_event("STOP")])
+    await eventually(lambda: sum(vm.event_counts.values()) + vm.events_dropped == 50)
+    assert 44 <= vm.events_dropped <= 45  # 5 at once, and maybe one more a second later
+    dropped = _daemon_sample("reclaimd_qmp_events_dropped_total", vm="vm1") - counted_before
+    assert dropped == vm.events_dropped
+    # The dropped STOP still had the state read again.
+    await eventually(lambda: vm.status == "paused" and vm.running is False)
+    await stop(task)
