@@ -8,6 +8,7 @@ on the HTTP path's log messages.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -97,6 +98,22 @@ class BoundedServer(uvicorn.Server):
         for server in getattr(self, "servers", ()):
             for listener in server.sockets:
                 tune_listener(listener.fileno(), self.defer_accept)
+        quiet_collector()
+
+
+# Objects made per poll (stats, estimates, scans) live a poll or two, long enough to be
+# promoted, so the collector's oldest generation keeps filling and a full collection walks
+# every object: with 300 VMs that stopped the event loop for 150-190 ms a few times a minute
+# (measured with a gc callback). Everything loaded at start-up is frozen out of those walks,
+# and the young generation is collected less often, so fewer objects are promoted at all.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def quiet_collector() -> None:
+    """Freeze what start-up made and space collections out (see :data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def tune_listener(fd: int, defer_accept: int) -> None:

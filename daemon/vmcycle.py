@@ -75,6 +75,7 @@ class Monitor(Protocol):
 
 AGENT_WAIT = 0.25  # seconds a cycle waits for the agent read it started; later, the next uses it
 AGENT_MOVED = 0.01  # of RAM: a change of free memory that is worth a new agent read
+AGENT_MOVED_MIN = 2 << 20  # bytes: and never less (a read costs a few round trips)
 AGENT_DRIFT_EVERY = 2.0  # seconds between agent reads while the split drifts (a stats push)
 STATS_MOVED = 0.01  # of RAM: a change of free memory that makes a scan due at once
 
@@ -125,6 +126,9 @@ class VMCycle:
         self._agent_asked: tuple[float, int] | None = None  # (monotonic, free bytes) of the last
         self._key: tuple[Any, ...] | None = None
         self._next_scan = 0.0
+        # The budget's bound: no scan before this, whatever asks for one (moved stats, a report
+        # due). With many VMs it wins, and a report is seen a little later, not at its time.
+        self._earliest_scan = 0.0
         self._cpu_seconds = 0.0  # of the last scan
         vm.ranges = self.ledger.history
 
@@ -159,7 +163,9 @@ class VMCycle:
         if now > due + REPORT_LOOK_WINDOW or due - now > MAX_REPORT_WAIT:
             return None
         after = due - now + REPORT_LOOK_AFTER if now < due else REPORT_LOOK_EVERY
-        at = time.monotonic() + after
+        at = max(time.monotonic() + after, self._earliest_scan)
+        if at - time.monotonic() > due - now + REPORT_LOOK_WINDOW:
+            return None  # the budget allows no look in the window: the schedule's scan will do
         self._next_scan = min(self._next_scan, at)
         return at
 
@@ -239,12 +245,13 @@ class VMCycle:
         asked, free_then = self._agent_asked
         stats = self.vm.guest_stats
         free = stats.free_bytes if stats is not None and stats.free_bytes else 0
-        moved = abs(free - free_then) >= AGENT_MOVED * ram
+        worth = max(AGENT_MOVED * ram, AGENT_MOVED_MIN)
+        moved = abs(free - free_then) >= worth
         since = time.monotonic() - asked
         # The guest's free lists moved under a steady free total (a busy allocator): the model
         # drifted by the last read's residual, so read again each poll while it does.
         residual = self.free.residual_pages if self.free is not None else None
-        drifting = residual is not None and residual * PAGE_SIZE >= AGENT_MOVED * ram
+        drifting = residual is not None and residual * PAGE_SIZE >= worth
         return moved or since >= self.agent_refresh or (drifting and since >= AGENT_DRIFT_EVERY)
 
     async def _scan_if_due(self) -> GuestRamScan | None:
@@ -259,7 +266,8 @@ class VMCycle:
             and self._free_at_scan is not None
             and abs(free - self._free_at_scan) >= STATS_MOVED * ram
         )
-        if time.monotonic() < self._next_scan and not moved:
+        now = time.monotonic()
+        if now < self._next_scan and not (moved and now >= self._earliest_scan):
             return None
         self._free_at_scan = free
         loop = asyncio.get_running_loop()
@@ -279,7 +287,10 @@ class VMCycle:
         RESIDENCY_SCAN_SECONDS.observe(scan.seconds)
         self.cadence.budget = self.budget()
         wait = self.cadence.next_interval(self._cpu_seconds, obs.changed)
-        self._next_scan = time.monotonic() + wait
+        now = time.monotonic()
+        self._next_scan = now + wait
+        cost = self.cadence.cost
+        self._earliest_scan = now + (cost / self.cadence.budget if cost else 0.0)
 
     def _publish(self) -> None:
         vm, now = self.vm, time.time()
