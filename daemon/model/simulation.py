@@ -54,6 +54,7 @@ class SimConfig:
     ram_bytes: int
     engine: str | None = "upstream"  # None: no reporting device
     order: int = pageblock_order  # page_reporting_order
+    capacity: int | None = None  # blocks per device call; None: the engine's own
     ncpus: int = 2
     seed: int = 0
     reserve: bool = True  # firmware, kernel image and memmap, as a real boot reserves
@@ -166,7 +167,7 @@ class Simulation:
         self.samples: list[Sample] = []
         self.engine: Engine | None = None
         if config.engine:
-            self.engine = make_engine(config.engine, config.order)
+            self.engine = make_engine(config.engine, config.order, config.capacity)
             self.engine.attach(self.alloc, self.clock, self._reported)
         self.workload = workload
         if workload is not None:

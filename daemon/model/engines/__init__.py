@@ -26,12 +26,13 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def make_engine(name: str, order: int) -> Engine:
+def make_engine(name: str, order: int, capacity: int | None = None) -> Engine:
+    """An engine by CLI name; ``capacity`` None keeps the design's own report capacity."""
     try:
         cls = ENGINES[name]
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
-    return cls(order=order)
+    return cls(order=order, capacity=capacity)
 
 
 __all__ = [

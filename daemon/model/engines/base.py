@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..buddy import BuddyAllocator
 from ..clock import SimClock
-from ..constants import pageblock_order
+from ..constants import PAGE_REPORTING_CAPACITY, pageblock_order
 
 # Receives one device call's worth of blocks, (pfn, order) each, while they are isolated.
 ReportSink = Callable[[list[tuple[int, int]]], None]
@@ -37,15 +37,21 @@ class CostCounters:
 class Engine:
     """Base class. Subclasses set ``name`` and implement ``_install``.
 
-    ``order`` is the reporting order (``page_reporting_order``); ``attach`` hooks the engine into
-    an allocator and a clock and registers it, which, as in the kernel, requests a first pass.
+    ``order`` is the reporting order (``page_reporting_order``); ``capacity`` the most blocks one
+    device call carries (each design's own, ``default_capacity``, unless given); ``attach`` hooks
+    the engine into an allocator and a clock and registers it, which, as in the kernel, requests
+    a first pass.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    default_capacity: ClassVar[int] = PAGE_REPORTING_CAPACITY
 
-    def __init__(self, order: int = pageblock_order) -> None:
+    def __init__(self, order: int = pageblock_order, capacity: int | None = None) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.order = order
+        self.capacity = self.default_capacity if capacity is None else capacity
         self.counters = CostCounters()
         self._alloc: BuddyAllocator | None = None
         self._clock: SimClock | None = None

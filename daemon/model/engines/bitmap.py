@@ -26,11 +26,10 @@ class BitmapEngine(Engine):
     def __init__(
         self,
         order: int = 9,
-        capacity: int = PAGE_REPORTING_CAPACITY,
+        capacity: int | None = None,
         threshold: int = PAGE_REPORTING_CAPACITY,
     ) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+        super().__init__(order, capacity)
         self.threshold = threshold
         self.bitmaps: list[bytearray] = []
         self.bits_set: list[int] = []

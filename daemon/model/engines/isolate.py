@@ -15,7 +15,6 @@ from __future__ import annotations
 from ..clock import PRIO_ENGINE
 from ..constants import (
     MIGRATE_ISOLATE,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY,
     PG_BUDDY,
     PG_REPORTED,
@@ -32,10 +31,9 @@ class IsolateEngine(Engine):
     description = "captured hints; check, isolate pageblock, report, un-isolate"
 
     def __init__(
-        self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY, buffer: int = HINT_BUFFER
+        self, order: int = 9, capacity: int | None = None, buffer: int = HINT_BUFFER
     ) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+        super().__init__(order, capacity)
         self.buffer = buffer
         self.hints: list[list[tuple[int, int]]] = []
         self.scheduled = False

@@ -26,7 +26,6 @@ from ..constants import (
     MIGRATE_ISOLATE,
     MIGRATE_TYPES,
     NR_PAGE_ORDERS,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY,
     PG_BUDDY,
     PG_REPORTED,
@@ -42,9 +41,8 @@ class UpstreamEngine(Engine):
     name = "upstream"
     description = "5.7+ page_reporting: 2 s delay, capacity 32, budget, list rotation"
 
-    def __init__(self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+    def __init__(self, order: int = 9, capacity: int | None = None) -> None:
+        super().__init__(order, capacity)
         self.state = PAGE_REPORTING_IDLE
         self.batch: list[tuple[int, int]] = []
 

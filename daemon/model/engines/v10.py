@@ -18,7 +18,9 @@ and a per-list ``reported_boundary`` pointing at the first of them:
   so every pass starts by walking back over the reported run at the tail of each list;
 * notification: nr_free(order) >= reported pages of that order + PAGE_REPORTING_HWM (32), once
   per zone until the zone's pass ends; the worker runs HZ / 10 later and reports the zone until
-  no unreported page is left (no budget yet, that came in v16).
+  no unreported page is left (no budget yet, that came in v16);
+* a device call carries at most 16 blocks: v10's virtio_balloon capped the reporting queue at
+  min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX = 16); the merged series made it 32.
 
 ``naive`` is the same code with the boundary never kept: every search starts again from the
 list_head (the kernel's name for the sentinel), that is from the tail, and walks back over every
@@ -33,11 +35,11 @@ from ..constants import (
     MIGRATE_ISOLATE,
     MIGRATE_TYPES,
     NR_PAGE_ORDERS,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_HWM,
     PAGE_REPORTING_V10_DELAY,
     PG_BUDDY,
     PG_REPORTED,
+    VIRTIO_BALLOON_VRING_HINTS_MAX,
 )
 from .base import Engine
 
@@ -48,9 +50,11 @@ class BoundaryEngine(Engine):
 
     keep_boundary = True
 
-    def __init__(self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+    # v10's device took min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX) blocks per call.
+    default_capacity = VIRTIO_BALLOON_VRING_HINTS_MAX
+
+    def __init__(self, order: int = 9, capacity: int | None = None) -> None:
+        super().__init__(order, capacity)
         self.requested: list[bool] = []
         self.active: list[bool] = []
         self.refcnt = 0
