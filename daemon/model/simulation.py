@@ -25,6 +25,7 @@ from .constants import (
     PG_REPORTED,
     pageblock_order,
 )
+from .costs import OpCosts
 from .engines import Engine, make_engine
 from .host import BALLOONED, REPORTED, Host
 from .pagecache import PageCache
@@ -55,6 +56,7 @@ class SimConfig:
     engine: str | None = "upstream"  # None: no reporting device
     order: int = pageblock_order  # page_reporting_order
     capacity: int | None = None  # blocks per device call; None: the engine's own
+    costs: OpCosts | None = None  # per-operation costs; None (or all zero): atomic passes
     ncpus: int = 2
     seed: int = 0
     reserve: bool = True  # firmware, kernel image and memmap, as a real boot reserves
@@ -168,7 +170,7 @@ class Simulation:
         self.engine: Engine | None = None
         if config.engine:
             self.engine = make_engine(config.engine, config.order, config.capacity)
-            self.engine.attach(self.alloc, self.clock, self._reported)
+            self.engine.attach(self.alloc, self.clock, self._reported, config.costs)
         self.workload = workload
         if workload is not None:
             workload.start(self)
@@ -183,6 +185,8 @@ class Simulation:
     def alloc_pages(self, order: int, mt: int = MIGRATE_MOVABLE, cpu: int = 0) -> int:
         """Allocate and touch a block, as a user of the memory would. -1 when out of memory."""
         pfn = self.alloc.alloc_pages(order, mt, cpu)
+        if self.engine is not None:
+            self.engine.note_allocation(pfn < 0)
         if pfn < 0:
             return pfn
         self.host.touch(pfn, order)

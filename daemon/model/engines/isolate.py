@@ -21,7 +21,7 @@ from ..constants import (
     pageblock_nr_pages,
     pageblock_order,
 )
-from .base import Engine
+from .base import Engine, PassSteps
 
 HINT_BUFFER = 512
 
@@ -60,7 +60,9 @@ class IsolateEngine(Engine):
             self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
-        self.scheduled = False
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         alloc = self.alloc
         c = self.counters
         c.passes += 1
@@ -91,9 +93,14 @@ class IsolateEngine(Engine):
                 taken.add(head)
                 batch.append((head, order, old_mt))
                 if len(batch) == self.capacity:
-                    self._flush(batch)
+                    yield from self._flush(batch)
             if batch:
-                self._flush(batch)
+                yield from self._flush(batch)
+        # Hints captured while device calls were in flight start the next pass.
+        self.scheduled = False
+        if any(self.hints):
+            self.scheduled = True
+            self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _set_isolate(self, head: int, order: int, mt: int) -> None:
         alloc = self.alloc
@@ -104,8 +111,8 @@ class IsolateEngine(Engine):
         moved = alloc.move_freepages_block(start, mt)
         self.counters.visited_locked += moved >> self.order
 
-    def _flush(self, batch: list[tuple[int, int, int]]) -> None:
-        self._report([(pfn, order) for pfn, order, _ in batch])
+    def _flush(self, batch: list[tuple[int, int, int]]) -> PassSteps:
+        yield self._report([(pfn, order) for pfn, order, _ in batch])
         alloc = self.alloc
         fl = alloc._fl
         od = alloc._od

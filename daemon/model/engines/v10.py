@@ -41,7 +41,7 @@ from ..constants import (
     PG_REPORTED,
     VIRTIO_BALLOON_VRING_HINTS_MAX,
 )
-from .base import Engine
+from .base import Engine, PassSteps
 
 
 class BoundaryEngine(Engine):
@@ -91,22 +91,25 @@ class BoundaryEngine(Engine):
             self.clock.schedule(PAGE_REPORTING_V10_DELAY, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         self.counters.passes += 1
         nz = len(self.alloc.zones)
         zone = 0
         while self.refcnt:
             if self.requested[zone]:
-                self._cycle(zone)
+                yield from self._cycle(zone)
             zone = (zone + 1) % nz
 
-    def _cycle(self, zone: int) -> None:
+    def _cycle(self, zone: int) -> PassSteps:
         c = self.counters
         c.lock_acquisitions += 1
         batch = self.batch
         while True:
             if not self._fill(zone, batch):
                 break
-            self._report(batch)
+            yield self._report(batch)
             c.lock_acquisitions += 1
             self._drain(batch)
             if not self.requested[zone]:
