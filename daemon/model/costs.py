@@ -31,6 +31,7 @@ class OpCosts:
     refault_2m: float = 0.0  # ... of a discarded 2 MiB (THP) range
     state_store: float = 0.0  # a page-state store (s390 ESSA): no exit
     fault_4k: float = 0.0  # the workload's own first touch of a 4 KiB page, in the guest
+    fault_2m: float = 0.0  # ... of a 2 MiB (THP) page
 
     def discard(self, order: int) -> float:
         """The host's discard of one block of ``order``: by size, from the 2 and 4 MiB costs."""
