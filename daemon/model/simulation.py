@@ -57,6 +57,7 @@ class SimConfig:
     order: int = pageblock_order  # page_reporting_order
     capacity: int | None = None  # blocks per device call; None: the engine's own
     costs: OpCosts | None = None  # per-operation costs; None (or all zero): atomic passes
+    thp_pcp: bool = True  # pcp lists for THP-sized blocks (5.13+); False: the series' kernels
     ncpus: int = 2
     seed: int = 0
     reserve: bool = True  # firmware, kernel image and memmap, as a real boot reserves
@@ -153,7 +154,11 @@ class Simulation:
         self.clock = SimClock()
         reserved = default_reservations(n) if config.reserve else []
         self.alloc = BuddyAllocator(
-            n, ncpus=config.ncpus, reserved=reserved, single_zone=config.single_zone
+            n,
+            ncpus=config.ncpus,
+            reserved=reserved,
+            single_zone=config.single_zone,
+            thp_pcp=config.thp_pcp,
         )
         self.host = Host(n)
         self.cache = PageCache(self.free_pages)
@@ -171,6 +176,7 @@ class Simulation:
         if config.engine:
             self.engine = make_engine(config.engine, config.order, config.capacity)
             self.engine.attach(self.alloc, self.clock, self._reported, config.costs)
+            self.engine.bind_host(self.host.state)
         self.workload = workload
         if workload is not None:
             workload.start(self)

@@ -195,3 +195,24 @@ def test_report_capacity_is_per_engine() -> None:
     assert v10.engine is not None
     # The whole zone (256 blocks of order 10) in calls of 16: exactly 16 device calls.
     assert v10.engine.counters.reports == BLOCKS // 16
+
+
+def test_cmma_stores_a_state_per_change_and_the_host_discards_on_its_scan() -> None:
+    sim = small_sim("cmma")
+    engine = sim.engine
+    assert engine is not None
+    pfns = [sim.alloc_pages(0) for _ in range(64)]
+    for pfn in pfns:
+        sim.free_pages(pfn, 0)
+    c = engine.counters
+    assert c.hints == 128  # a store for every allocation and every free; no exit, no report
+    assert c.reports == 0 and sim.host.reported_pages == 0
+    sim.advance_to(1.0)  # the host's scan: every free page, per-CPU lists included
+    assert sim.host.reported_pages == sim.alloc.free_page_count()
+    # Reusing a discarded page refaults it.
+    before = sim.host.counters.refaults
+    again = sim.alloc_pages(0)
+    assert again in pfns and sim.host.counters.refaults == before + 1
+    sim.advance_to(2.0)  # the next scan discards nothing twice
+    assert sim.host.counters.blocks_reported_again == 0
+    check_invariants(sim.alloc)

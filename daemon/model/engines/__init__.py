@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import CostCounters, Engine, ReportSink
 from .bitmap import BitmapEngine
+from .cmma import CmmaEngine
 from .isolate import IsolateEngine
 from .perpage import PerPageEngine
 from .upstream import UpstreamEngine
@@ -22,6 +23,7 @@ ENGINES: dict[str, type[Engine]] = {
         PerPageEngine,
         IsolateEngine,
         NaiveEngine,
+        CmmaEngine,
     )
 }
 
@@ -39,6 +41,7 @@ __all__ = [
     "ENGINES",
     "BitmapEngine",
     "BoundaryEngine",
+    "CmmaEngine",
     "CostCounters",
     "Engine",
     "IsolateEngine",

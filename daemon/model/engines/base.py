@@ -55,6 +55,9 @@ class Engine:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     default_capacity: ClassVar[int] = PAGE_REPORTING_CAPACITY
+    # The host discards whole blocks (its THP backing survives a 2 MiB report); False when the
+    # design's unit is the 4 KiB page (cmma's page states), which splits the host's THP.
+    discards_whole_blocks: ClassVar[bool] = True
 
     def __init__(self, order: int = pageblock_order, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 1:
@@ -99,6 +102,9 @@ class Engine:
 
     def _install(self) -> None:
         raise NotImplementedError
+
+    def bind_host(self, state: bytearray) -> None:
+        """The host's per-page backing state; only a design the host scans (cmma) reads it."""
 
     def _run(self, steps: PassSteps) -> None:
         """Run a pass up to its next wait, and schedule the rest after the wait."""
