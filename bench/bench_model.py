@@ -318,6 +318,17 @@ def walk_table(engines: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ran_on(section: dict[str, Any]) -> list[str]:
+    m = section.get("machine")
+    if not m:
+        return []
+    return [
+        f"Ran on {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, load average "
+        f"{m.get('load_average') or 'not recorded'} at the start, {section['date']}.",
+        "",
+    ]
+
+
 def write_markdown(results: dict[str, Any]) -> None:
     m = results["machine"]
     lines = [
@@ -360,6 +371,7 @@ def write_markdown(results: dict[str, Any]) -> None:
             "",
             "Command: `.venv/bin/python bench/bench_model.py scaling`",
             "",
+            *ran_on(s),
             f"memhog with THP-sized blocks (allocate half of RAM, hold, free, idle), "
             f"{s['seconds']:g} simulated seconds, page_reporting_order {s['order']}. "
             "Work = entries visited (list entries, bitmap bits or hints). "
@@ -394,6 +406,7 @@ def write_markdown(results: dict[str, Any]) -> None:
             "`nice -n 10 .venv/bin/python bench/bench_costs.py`, recorded "
             f"{costs['recorded']}, load {costs['machine']['load_average']})",
             "",
+            *ran_on(o),
             f"page_fault: {o['tasks']} tasks each map 128 MiB, write it in THP-sized faults and "
             f"unmap it, {o['seconds']:g} simulated seconds, 16 vCPUs, pre-5.13 per-CPU lists; "
             "modelled throughput change = -(reporting's vCPU time) / (tasks' time + it).",
@@ -439,21 +452,25 @@ def main() -> int:
     results: dict[str, Any] = {}
     if RESULTS_JSON.exists():
         results = json.loads(RESULTS_JSON.read_text())
-    results["machine"] = machine()
-    results["date"] = time.strftime("%Y-%m-%d")
+    # The header's machine is the one (a) and (c) ran on; later sections carry their own.
+    results.setdefault("machine", machine())
+    results.setdefault("date", time.strftime("%Y-%m-%d"))
+    here = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
     if args.what in ("all", "memory"):
         results["memory"] = bench_memory()
+        results["machine"], results["date"] = here["machine"], here["date"]
         print("memory", results["memory"], flush=True)
     if args.what in ("all", "throughput"):
         results["throughput"] = bench_throughput()
+        results["machine"], results["date"] = here["machine"], here["date"]
         print("throughput", results["throughput"], flush=True)
     if args.what in ("all", "scaling"):
         sizes = [int(x) for x in args.sizes.split(",")]
-        results["scaling"] = bench_scaling(sizes, args.seconds, args.order)
+        results["scaling"] = bench_scaling(sizes, args.seconds, args.order) | here
         for name, e in results["scaling"]["engines"].items():
             print(f"exponent {name}: {e['exponent']}")
     if args.what == "overhead":
-        results["overhead"] = bench_overhead(args.overhead_seconds)
+        results["overhead"] = bench_overhead(args.overhead_seconds) | here
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
     return 0
