@@ -164,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if args.costs:
         try:
             OpCosts.from_json(args.costs)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"--costs {args.costs}: {e}", file=sys.stderr)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"--costs {args.costs}: {err}", file=sys.stderr)
             return 2
     results = [simulate_one(args, e, args.ram, e) for e in engines]
     output: dict[str, Any] = {
