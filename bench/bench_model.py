@@ -209,6 +209,26 @@ def bench_overhead(seconds: float) -> dict[str, Any]:
             rows.append(row)
             print("overhead", name, gib, row["percent"], row["wall_seconds"], flush=True)
         out["engines"][name] = rows
+    # What v10's HZ / 10 worker cadence costs: the same 32 GiB run with a 2 s delay.
+    cadence = {}
+    for delay in (0.1, 2.0):
+        wl = PageFault(tasks=16)
+        config = SimConfig(
+            ram_bytes=32 << 30,
+            engine="boundary",
+            costs=costs,
+            ncpus=16,
+            thp_pcp=False,
+            engine_options={"worker_delay": delay},
+        )
+        sim = Simulation(config, wl)
+        sim.run(seconds)
+        cadence[str(delay)] = {
+            "percent": round(overhead(sim, costs, wl.tasks * seconds).percent, 3),
+            "refault_pages": sim.host.counters.refaults,
+        }
+        print("overhead boundary 32 GiB worker delay", delay, cadence[str(delay)], flush=True)
+    out["boundary_worker_delay"] = cadence
     return out
 
 
@@ -428,6 +448,17 @@ def write_markdown(results: dict[str, Any]) -> None:
                     f"{k['exits']:.4f} | {k['flushes']:.4f} | {k['refaults']:.3f} | "
                     f"{r['reports']} | {r['report_seconds']:.3f} | {r['racing_allocations']} |"
                 )
+        cad = o.get("boundary_worker_delay", {})
+        if cad:
+            lines += [
+                "",
+                "`boundary` at 32 GiB with v10's worker delay varied (what explains its gap):",
+                "",
+                "| worker delay | throughput change | refaulted pages |",
+                "|---|---|---|",
+            ]
+            for delay, r in cad.items():
+                lines.append(f"| {delay} s | {r['percent']:.2f}% | {r['refault_pages']:,} |")
         lines += ["", "Per-operation costs (bench/op_costs.json):", ""]
         lines += ["| operation | ns | how |", "|---|---|---|"]
         for cname, entry in costs["costs"].items():

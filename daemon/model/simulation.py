@@ -57,6 +57,7 @@ class SimConfig:
     order: int = pageblock_order  # page_reporting_order
     capacity: int | None = None  # blocks per device call; None: the engine's own
     costs: OpCosts | None = None  # per-operation costs; None (or all zero): atomic passes
+    engine_options: dict[str, float] = field(default_factory=dict)  # engine constructor extras
     thp_pcp: bool = True  # pcp lists for THP-sized blocks (5.13+); False: the series' kernels
     ncpus: int = 2
     seed: int = 0
@@ -174,7 +175,9 @@ class Simulation:
         self.samples: list[Sample] = []
         self.engine: Engine | None = None
         if config.engine:
-            self.engine = make_engine(config.engine, config.order, config.capacity)
+            self.engine = make_engine(
+                config.engine, config.order, config.capacity, **config.engine_options
+            )
             self.engine.attach(self.alloc, self.clock, self._reported, config.costs)
             self.engine.bind_host(self.host.state)
         self.workload = workload

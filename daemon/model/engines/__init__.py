@@ -28,13 +28,14 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def make_engine(name: str, order: int, capacity: int | None = None) -> Engine:
-    """An engine by CLI name; ``capacity`` None keeps the design's own report capacity."""
+def make_engine(name: str, order: int, capacity: int | None = None, **options: float) -> Engine:
+    """An engine by CLI name; ``capacity`` None keeps the design's own report capacity;
+    ``options`` go to the engine's constructor (``worker_delay`` for v10, for instance)."""
     try:
         cls = ENGINES[name]
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
-    return cls(order=order, capacity=capacity)
+    return cls(order=order, capacity=capacity, **options)
 
 
 __all__ = [

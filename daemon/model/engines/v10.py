@@ -53,8 +53,14 @@ class BoundaryEngine(Engine):
     # v10's device took min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX) blocks per call.
     default_capacity = VIRTIO_BALLOON_VRING_HINTS_MAX
 
-    def __init__(self, order: int = 9, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        order: int = 9,
+        capacity: int | None = None,
+        worker_delay: float = PAGE_REPORTING_V10_DELAY,
+    ) -> None:
         super().__init__(order, capacity)
+        self.worker_delay = worker_delay  # HZ / 10 in v10; varied to show what it costs
         self.requested: list[bool] = []
         self.active: list[bool] = []
         self.refcnt = 0
@@ -88,7 +94,7 @@ class BoundaryEngine(Engine):
         self.requested[zone] = True
         self.refcnt += 1
         if self.refcnt == 1:
-            self.clock.schedule(PAGE_REPORTING_V10_DELAY, self._process, PRIO_ENGINE)
+            self.clock.schedule(self.worker_delay, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
         self._run(self._pass())
