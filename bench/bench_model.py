@@ -4,6 +4,8 @@
     .venv/bin/python bench/bench_model.py throughput   # (a) alloc/free operations per second
     .venv/bin/python bench/bench_model.py scaling      # (b) cost per reported page vs guest size
     .venv/bin/python bench/bench_model.py memory       # (c) bytes of process memory per page
+    nice -n 10 .venv/bin/python bench/bench_model.py overhead   # (d) page_fault overhead, ~10 min
+        [--engines naive]   # re-run only these engines, keep the other rows
 
 (a) mixed order-0..3 traffic (weights 8:4:2:1, 90 % movable) on a 16 GiB guest, one core,
     operations pre-generated so only the allocator is timed; a live set of 25 % of RAM.
@@ -11,6 +13,9 @@
     workload scales with RAM), 60 simulated seconds; work = free-list entries, bitmap bits or
     hints visited; the exponent is the least-squares slope of log(work) against log(size).
 (c) resident set size growth from building a 64 GiB guest with upstream reporting attached.
+(d) every engine on 4, 16, 32 and 64 GiB guests under page_fault (16 tasks, THP, 16 vCPUs,
+    the series' pre-5.13 per-CPU lists), passes timed and counts priced with the costs in
+    bench/op_costs.json (bench/bench_costs.py); the throughput change beside the published one.
 """
 
 from __future__ import annotations
@@ -34,12 +39,28 @@ from machine import cpu_model  # bench/machine.py: scripts run from bench/
 
 from daemon.model import ENGINES, SimConfig, Simulation
 from daemon.model.buddy import BuddyAllocator
+from daemon.model.costs import OpCosts
 from daemon.model.engines import BoundaryEngine
-from daemon.model.workloads import Memhog
+from daemon.model.overhead import overhead
+from daemon.model.workloads import Memhog, PageFault
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "model_results.json"
 RESULTS_MD = HERE / "RESULTS-model.md"
+COSTS_JSON = HERE / "op_costs.json"
+
+# will-it-scale page_fault1 (16 tasks, THP) as posted, in percent of the baseline's throughput,
+# with the guest size they were measured at and the source (docs/model.md cites each thread).
+PUBLISHED: dict[str, tuple[float, int, str]] = {
+    "upstream": (-0.81, 32, "v16/v17: 8827457.25 vs 8756219.00, 32-48 GiB guest"),
+    "boundary": (-4.22, 32, "v13: 8804587.33 vs 8433236.00 (v12 -6.51, v10/v11 -1.86..-8.84)"),
+    "naive": (-19.0, 32, '"as much as 18%" (v11) / "20%" (v12/v13) on a 32 GiB guest'),
+    "bitmap": (-1.5, 32, "its author: -1 to -2 % (processes) on a 30 GiB guest"),
+}
+OVERHEAD_SIZES = (4, 16, 32, 64)
+# naive walks the whole reported run for every block it finds: 32 GiB takes about 3 minutes
+# here and 64 GiB four times that (its decisions are boundary's; only its walks are longer).
+OVERHEAD_MAX_GIB = {"naive": 32}
 
 
 def machine() -> dict[str, Any]:
@@ -154,6 +175,89 @@ def bench_scaling(sizes_gib: list[int], seconds: float, order: int) -> dict[str,
     return out
 
 
+def bench_overhead(
+    seconds: float, engines: list[str], previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Run ``engines`` (all when empty); other engines' rows are kept from ``previous``."""
+    costs = OpCosts.from_json(COSTS_JSON)
+    out: dict[str, Any] = {"seconds": seconds, "tasks": 16, "engines": {}}
+    if engines and previous and previous.get("seconds") == seconds:
+        out = previous | {"engines": dict(previous["engines"])}
+    for name in engines or ENGINES:
+        rows = []
+        for gib in OVERHEAD_SIZES:
+            if gib > OVERHEAD_MAX_GIB.get(name, 64):
+                continue
+            wl = PageFault(tasks=16)
+            config = SimConfig(
+                ram_bytes=gib << 30, engine=name, costs=costs, ncpus=16, thp_pcp=False
+            )
+            t0 = time.perf_counter()
+            sim = Simulation(config, wl)
+            sim.run(seconds)
+            o = overhead(sim, costs, wl.tasks * seconds)
+            assert sim.engine is not None
+            c = sim.engine.counters
+            row = {
+                "gib": gib,
+                "percent": round(o.percent, 3),
+                "components": {k: round(v, 4) for k, v in o.as_dict().items()},
+                "reports": c.reports,
+                "blocks_reported": c.blocks_reported,
+                "refault_pages": sim.host.counters.refaults,
+                "faults": wl.ops,
+                "report_seconds": round(c.report_seconds, 4),
+                "isolated_page_seconds": round(c.isolated_page_seconds, 1),
+                "racing_allocations": c.racing_allocations,
+                "racing_alloc_failures": c.racing_alloc_failures,
+                "wall_seconds": round(time.perf_counter() - t0, 1),
+            }
+            rows.append(row)
+            print("overhead", name, gib, row["percent"], row["wall_seconds"], flush=True)
+        out["engines"][name] = rows
+    if engines and "boundary" not in engines and "boundary_worker_delay" in out:
+        return out
+    # What v10's HZ / 10 worker cadence costs: the same 32 GiB run with a 2 s delay.
+    cadence = {}
+    for delay in (0.1, 2.0):
+        wl = PageFault(tasks=16)
+        config = SimConfig(
+            ram_bytes=32 << 30,
+            engine="boundary",
+            costs=costs,
+            ncpus=16,
+            thp_pcp=False,
+            engine_options={"worker_delay": delay},
+        )
+        sim = Simulation(config, wl)
+        sim.run(seconds)
+        cadence[str(delay)] = {
+            "percent": round(overhead(sim, costs, wl.tasks * seconds).percent, 3),
+            "refault_pages": sim.host.counters.refaults,
+        }
+        print("overhead boundary 32 GiB worker delay", delay, cadence[str(delay)], flush=True)
+    out["boundary_worker_delay"] = cadence
+    return out
+
+
+def overhead_table(o: dict[str, Any]) -> list[str]:
+    lines = [
+        "| design | " + " | ".join(f"{g} GiB" for g in OVERHEAD_SIZES) + " | published | ratio |",
+        "|---|" + "---|" * (len(OVERHEAD_SIZES) + 2),
+    ]
+    for name, rows in o["engines"].items():
+        by = {r["gib"]: r["percent"] for r in rows}
+        cells = [f"{by[g]:.2f}%" if g in by else "-" for g in OVERHEAD_SIZES]
+        pub = PUBLISHED.get(name)
+        if pub and pub[1] in by and pub[0]:
+            ratio = f"{by[pub[1]] / pub[0]:.2f}x @ {pub[1]} GiB"
+            published = f"{pub[0]:.2f}%"
+        else:
+            ratio, published = "-", "none posted"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {published} | {ratio} |")
+    return lines
+
+
 def bench_memory(gib: int = 64) -> dict[str, Any]:
     gc.collect()
     before = rss_bytes()
@@ -242,6 +346,17 @@ def walk_table(engines: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ran_on(section: dict[str, Any]) -> list[str]:
+    m = section.get("machine")
+    if not m:
+        return []
+    return [
+        f"Ran on {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, load average "
+        f"{m.get('load_average') or 'not recorded'} at the start, {section['date']}.",
+        "",
+    ]
+
+
 def write_markdown(results: dict[str, Any]) -> None:
     m = results["machine"]
     lines = [
@@ -284,6 +399,7 @@ def write_markdown(results: dict[str, Any]) -> None:
             "",
             "Command: `.venv/bin/python bench/bench_model.py scaling`",
             "",
+            *ran_on(s),
             f"memhog with THP-sized blocks (allocate half of RAM, hold, free, idle), "
             f"{s['seconds']:g} simulated seconds, page_reporting_order {s['order']}. "
             "Work = entries visited (list entries, bitmap bits or hints). "
@@ -308,32 +424,95 @@ def write_markdown(results: dict[str, Any]) -> None:
             )
         lines += walk_table(s["engines"])
         lines += ["", NOTES]
+    if "overhead" in results:
+        o = results["overhead"]
+        costs = json.loads(COSTS_JSON.read_text())
+        lines += [
+            "## (d) Overhead on will-it-scale page_fault, against the published figures",
+            "",
+            "Command: `nice -n 10 .venv/bin/python bench/bench_model.py overhead` (costs from "
+            "`nice -n 10 .venv/bin/python bench/bench_costs.py`, recorded "
+            f"{costs['recorded']}, load {costs['machine']['load_average']})",
+            "",
+            *ran_on(o),
+            f"page_fault: {o['tasks']} tasks each map 128 MiB, write it in THP-sized faults and "
+            f"unmap it, {o['seconds']:g} simulated seconds, 16 vCPUs, pre-5.13 per-CPU lists; "
+            "modelled throughput change = -(reporting's vCPU time) / (tasks' time + it).",
+            "",
+            *overhead_table(o),
+            "",
+            "Where the time goes (vCPU seconds, of tasks x seconds = "
+            f"{o['tasks'] * o['seconds']:g}), and the pass timing:",
+            "",
+            "| design | GiB | walk | locks | exits | flushes | refaults | device calls | "
+            "in flight s | racing allocs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, rows in o["engines"].items():
+            for r in rows:
+                k = r["components"]
+                lines.append(
+                    f"| {name} | {r['gib']} | {k['walk']:.4f} | {k['locks']:.4f} | "
+                    f"{k['exits']:.4f} | {k['flushes']:.4f} | {k['refaults']:.3f} | "
+                    f"{r['reports']} | {r['report_seconds']:.3f} | {r['racing_allocations']} |"
+                )
+        cad = o.get("boundary_worker_delay", {})
+        if cad:
+            lines += [
+                "",
+                "`boundary` at 32 GiB with v10's worker delay varied (what explains its gap):",
+                "",
+                "| worker delay | throughput change | refaulted pages |",
+                "|---|---|---|",
+            ]
+            for delay, r in cad.items():
+                lines.append(f"| {delay} s | {r['percent']:.2f}% | {r['refault_pages']:,} |")
+        lines += ["", "Per-operation costs (bench/op_costs.json):", ""]
+        lines += ["| operation | ns | how |", "|---|---|---|"]
+        for cname, entry in costs["costs"].items():
+            lines.append(f"| {cname} | {entry['seconds'] * 1e9:,.1f} | {entry['how']} |")
+        lines += ["", OVERHEAD_NOTES]
     RESULTS_MD.write_text("\n".join(lines))
+
+
+OVERHEAD_NOTES = """### Reading (d)
+
+See docs/model.md, "Cost as overhead", for the sentence on each gap."""
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("what", choices=["all", "throughput", "scaling", "memory"])
+    p.add_argument("what", choices=["all", "throughput", "scaling", "memory", "overhead"])
     p.add_argument("--sizes", default="1,4,16,64", help="GiB sizes for scaling")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--order", type=int, default=9)
+    p.add_argument("--overhead-seconds", type=float, default=12.0)
+    p.add_argument("--engines", default="", help="overhead: re-run only these, keep the rest")
     args = p.parse_args()
     results: dict[str, Any] = {}
     if RESULTS_JSON.exists():
         results = json.loads(RESULTS_JSON.read_text())
-    results["machine"] = machine()
-    results["date"] = time.strftime("%Y-%m-%d")
+    # The header's machine is the one (a) and (c) ran on; later sections carry their own.
+    results.setdefault("machine", machine())
+    results.setdefault("date", time.strftime("%Y-%m-%d"))
+    here = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
     if args.what in ("all", "memory"):
         results["memory"] = bench_memory()
+        results["machine"], results["date"] = here["machine"], here["date"]
         print("memory", results["memory"], flush=True)
     if args.what in ("all", "throughput"):
         results["throughput"] = bench_throughput()
+        results["machine"], results["date"] = here["machine"], here["date"]
         print("throughput", results["throughput"], flush=True)
     if args.what in ("all", "scaling"):
         sizes = [int(x) for x in args.sizes.split(",")]
-        results["scaling"] = bench_scaling(sizes, args.seconds, args.order)
+        results["scaling"] = bench_scaling(sizes, args.seconds, args.order) | here
         for name, e in results["scaling"]["engines"].items():
             print(f"exponent {name}: {e['exponent']}")
+    if args.what == "overhead":
+        only = [e for e in args.engines.split(",") if e]
+        previous = results.get("overhead")
+        results["overhead"] = bench_overhead(args.overhead_seconds, only, previous) | here
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
     return 0

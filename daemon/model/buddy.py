@@ -105,9 +105,17 @@ class BuddyAllocator:
         ncpus: int = 2,
         reserved: list[tuple[int, int]] | None = None,
         single_zone: bool = False,
+        thp_pcp: bool = True,
     ) -> None:
         self.total_pages = n = total_pages
         self.ncpus = ncpus
+        # Per-CPU list slot by order; pageblock-order blocks got pcp lists in 5.13, so with
+        # ``thp_pcp`` False THP frees and allocations take the zone lock, as on 5.4-5.12.
+        self._order_slot = ORDER_TO_SLOT
+        if not thp_pcp:
+            self._order_slot = tuple(
+                -1 if o == pageblock_order else v for o, v in enumerate(ORDER_TO_SLOT)
+            )
         self.zones: list[Zone] = zone_layout(total_pages, single_zone)
         nz = len(self.zones)
         self.nr_lists = nz * NR_PAGE_ORDERS * MIGRATE_TYPES
@@ -395,7 +403,7 @@ class BuddyAllocator:
         pb = pfn >> PB_SHIFT
         zone = self._pbz[pb]
         mt = self._pbmt[pb]
-        slot = ORDER_TO_SLOT[order]
+        slot = self._order_slot[order]
         if slot < 0 or mt == MIGRATE_ISOLATE:
             self.zone_lock_acquisitions += 1
             self._free_one(pfn, order, zone, 0)
@@ -571,7 +579,7 @@ class BuddyAllocator:
     def alloc_pages(self, order: int, mt: int = MIGRATE_MOVABLE, cpu: int = 0) -> int:
         """Allocate a block of ``2**order`` pages; returns its head PFN, or -1 if out of memory."""
         zone = self.zonelist[0]
-        slot = ORDER_TO_SLOT[order]
+        slot = self._order_slot[order]
         size = 1 << order
         # Fast path: preferred zone above its low watermark, block from the CPU's pcp list.
         if slot >= 0 and self.zone_free[zone] - size >= self._wmark_low[zone]:
@@ -592,7 +600,7 @@ class BuddyAllocator:
 
     def _get_page_from_freelist(self, order: int, mt: int, cpu: int, use_min: bool) -> int:
         classzone = self.zonelist[0]
-        slot = ORDER_TO_SLOT[order]
+        slot = self._order_slot[order]
         for zone in self.zonelist:
             z = self.zones[zone]
             mark = z.wmark_min if use_min else z.wmark_low
@@ -799,7 +807,7 @@ class BuddyAllocator:
             zc = zone * self.ncpus + cpu
             for mt in range(MIGRATE_PCPTYPES):
                 lst = self.pcp_lists[
-                    zc * NR_PCP_LISTS + ORDER_TO_SLOT[order] * MIGRATE_PCPTYPES + mt
+                    zc * NR_PCP_LISTS + self._order_slot[order] * MIGRATE_PCPTYPES + mt
                 ]
                 if pfn in lst:
                     lst.remove(pfn)

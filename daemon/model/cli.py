@@ -21,9 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .costs import OpCosts
 from .engines import ENGINES
+from .overhead import overhead
 from .simulation import SimConfig, Simulation
-from .workloads import WORKLOADS, make_workload
+from .workloads import WORKLOADS, PageFault, make_workload
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -58,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cpus", type=int, default=2, help="guest CPUs (per-CPU lists)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print full results as JSON")
+    p.add_argument(
+        "--costs",
+        metavar="FILE.json",
+        type=Path,
+        help="per-operation costs (bench/op_costs.json): time the passes; for page_fault, "
+        "add the throughput change each design causes",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="write PNG plots")
     p.add_argument(
         "--sizes",
@@ -82,13 +91,22 @@ def _progress(label: str, enabled: bool) -> Callable[[float], None]:
 
 
 def simulate_one(args: argparse.Namespace, engine: str, ram: int, label: str) -> dict[str, Any]:
+    costs = OpCosts.from_json(args.costs) if args.costs else None
     config = SimConfig(
-        ram_bytes=ram, engine=engine, order=args.order, ncpus=args.cpus, seed=args.seed
+        ram_bytes=ram,
+        engine=engine,
+        order=args.order,
+        ncpus=args.cpus,
+        seed=args.seed,
+        costs=costs,
     )
     started = time.perf_counter()
-    sim = Simulation(config, make_workload(args.workload, args.trace))
+    workload = make_workload(args.workload, args.trace)
+    sim = Simulation(config, workload)
     sim.run(args.seconds, _progress(label, not args.no_progress and sys.stderr.isatty()))
     result = sim.result()
+    if costs is not None and isinstance(workload, PageFault):
+        result["overhead"] = overhead(sim, costs, workload.tasks * args.seconds).as_dict()
     result["wall_seconds"] = round(time.perf_counter() - started, 3)
     result["workload"] = args.workload
     return result
@@ -143,6 +161,12 @@ def run(args: argparse.Namespace) -> int:
     if args.workload == "trace" and not args.trace:
         print("--workload trace needs --trace FILE", file=sys.stderr)
         return 2
+    if args.costs:
+        try:
+            OpCosts.from_json(args.costs)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"--costs {args.costs}: {err}", file=sys.stderr)
+            return 2
     results = [simulate_one(args, e, args.ram, e) for e in engines]
     output: dict[str, Any] = {
         "ram_bytes": args.ram,

@@ -34,6 +34,9 @@ PAGE_REPORTING_DELAY: Final = 2.0  # seconds (2 * HZ)
 # v10 of the series: notify when nr_free >= reported + PAGE_REPORTING_HWM; worker delay HZ / 10.
 PAGE_REPORTING_HWM: Final = 32
 PAGE_REPORTING_V10_DELAY: Final = 0.1
+# v10's virtio_balloon: report at most min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX) blocks
+# per device call ("limit on the number of pages that can be on the reporting vq").
+VIRTIO_BALLOON_VRING_HINTS_MAX: Final = 16
 
 # __free_one_page() flags (fpi_t)
 FPI_NONE: Final = 0

@@ -25,6 +25,7 @@ from .constants import (
     PG_REPORTED,
     pageblock_order,
 )
+from .costs import OpCosts
 from .engines import Engine, make_engine
 from .host import BALLOONED, REPORTED, Host
 from .pagecache import PageCache
@@ -54,6 +55,10 @@ class SimConfig:
     ram_bytes: int
     engine: str | None = "upstream"  # None: no reporting device
     order: int = pageblock_order  # page_reporting_order
+    capacity: int | None = None  # blocks per device call; None: the engine's own
+    costs: OpCosts | None = None  # per-operation costs; None (or all zero): atomic passes
+    engine_options: dict[str, float] = field(default_factory=dict)  # engine constructor extras
+    thp_pcp: bool = True  # pcp lists for THP-sized blocks (5.13+); False: the series' kernels
     ncpus: int = 2
     seed: int = 0
     reserve: bool = True  # firmware, kernel image and memmap, as a real boot reserves
@@ -150,7 +155,11 @@ class Simulation:
         self.clock = SimClock()
         reserved = default_reservations(n) if config.reserve else []
         self.alloc = BuddyAllocator(
-            n, ncpus=config.ncpus, reserved=reserved, single_zone=config.single_zone
+            n,
+            ncpus=config.ncpus,
+            reserved=reserved,
+            single_zone=config.single_zone,
+            thp_pcp=config.thp_pcp,
         )
         self.host = Host(n)
         self.cache = PageCache(self.free_pages)
@@ -166,8 +175,11 @@ class Simulation:
         self.samples: list[Sample] = []
         self.engine: Engine | None = None
         if config.engine:
-            self.engine = make_engine(config.engine, config.order)
-            self.engine.attach(self.alloc, self.clock, self._reported)
+            self.engine = make_engine(
+                config.engine, config.order, config.capacity, **config.engine_options
+            )
+            self.engine.attach(self.alloc, self.clock, self._reported, config.costs)
+            self.engine.bind_host(self.host.state)
         self.workload = workload
         if workload is not None:
             workload.start(self)
@@ -182,6 +194,8 @@ class Simulation:
     def alloc_pages(self, order: int, mt: int = MIGRATE_MOVABLE, cpu: int = 0) -> int:
         """Allocate and touch a block, as a user of the memory would. -1 when out of memory."""
         pfn = self.alloc.alloc_pages(order, mt, cpu)
+        if self.engine is not None:
+            self.engine.note_allocation(pfn < 0)
         if pfn < 0:
             return pfn
         self.host.touch(pfn, order)

@@ -137,6 +137,72 @@ class Memhog(WorkloadBase):
             self.failed = 0
 
 
+class MemhogThp(Memhog):
+    """memhog with THP-sized (pageblock-order) blocks: the variant the README table shows."""
+
+    name = "memhog-thp"
+    description = "memhog with THP-sized blocks"
+
+    def __init__(self) -> None:
+        super().__init__(thp=True)
+
+
+# A guest THP fault: allocate and zero 2 MiB. Measured on the host (bench/op_costs.json,
+# fault_2m); used when the simulation has no per-operation costs of its own.
+FAULT_2M_SECONDS = 2.2e-4
+
+
+class PageFault(WorkloadBase):
+    """will-it-scale page_fault1: ``tasks`` processes each map ``map_bytes``, write every page
+    and unmap it, in a loop, as fast as the faults go.
+
+    With ``thp`` (the variant the series was measured with) every fault maps a pageblock-order
+    block. A task runs ``STEP / fault_seconds`` faults per step, the rate one vCPU manages at
+    the cost of a fault (``OpCosts.fault_2m`` or ``fault_4k``); task ``i`` runs on CPU
+    ``i % ncpus``. munmap frees the task's blocks in address (allocation) order.
+    """
+
+    name = "page_fault"
+    description = "will-it-scale page_fault1: tasks map, touch and unmap 128 MiB in a loop"
+
+    def __init__(self, tasks: int = 16, map_bytes: int = 128 << 20, thp: bool = True) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.order = pageblock_order if thp else 0
+        self.blocks_per_map = max(1, (map_bytes >> 12) >> self.order)
+        self.mapped: list[list[int]] = [[] for _ in range(tasks)]
+        self.faults_per_step = 1
+
+    def start(self, sim: Simulation) -> None:
+        costs = sim.config.costs
+        fault = (costs.fault_2m if self.order else costs.fault_4k) if costs else 0.0
+        if not fault:
+            fault = FAULT_2M_SECONDS if self.order else FAULT_2M_SECONDS / 512
+        self.faults_per_step = max(1, round(STEP / fault))
+        super().start(sim)
+
+    def step(self, now: float) -> None:
+        sim = self.sim
+        order = self.order
+        ncpus = sim.config.ncpus
+        alloc = sim.alloc_pages
+        free = sim.free_pages
+        for task, mapped in enumerate(self.mapped):
+            cpu = task % ncpus
+            for _ in range(self.faults_per_step):
+                pfn = alloc(order, MIGRATE_MOVABLE, cpu)
+                if pfn < 0:
+                    self.failed += 1
+                    break
+                mapped.append(pfn)
+                self.ops += 1
+                if len(mapped) == self.blocks_per_map:
+                    for block in mapped:
+                        free(block, order, cpu)
+                    mapped.clear()
+            sim.minor_faults += self.faults_per_step << order
+
+
 class Fragment(WorkloadBase):
     """Mixed-order churn that leaves free memory in small pieces.
 
@@ -391,7 +457,7 @@ class TraceWorkload(WorkloadBase):
 
 
 WORKLOADS: dict[str, type[WorkloadBase]] = {
-    w.name: w for w in (Memhog, Fragment, PageCacheLoad, Churn, Idle)
+    w.name: w for w in (Memhog, MemhogThp, PageFault, Fragment, PageCacheLoad, Churn, Idle)
 }
 
 

@@ -82,3 +82,22 @@ def test_unknown_engine_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     args = parser().parse_args(["simulate", "--engine", "magic", "--no-progress"])
     assert args.func(args) == 2
     assert "unknown engine" in capsys.readouterr().err
+
+
+def test_simulate_with_costs_times_passes_and_prices_page_fault(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    costs = tmp_path / "costs.json"
+    entries = {"report_call": 1e-5, "discard_2m": 6e-6, "discard_4m": 1e-5, "hint_exit": 8e-6}
+    entries |= {"refault_2m": 2e-4, "fault_2m": 2e-4, "list_visit": 3e-8}
+    costs.write_text(json.dumps({"costs": {k: {"seconds": v} for k, v in entries.items()}}))
+    argv = ["simulate", "--ram", "512MiB", "--engine", "boundary", "--workload", "page_fault"]
+    argv += ["--seconds", "3", "--cpus", "4", "--json", "--no-progress", "--costs", str(costs)]
+    args = parser().parse_args(argv)
+    assert args.func(args) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["costs"]["report_seconds"] > 0
+    assert result["overhead"]["percent"] < 0
+    costs.write_text(json.dumps({"costs": {"warp_drive": {"seconds": 1}}}))
+    assert args.func(args) == 2
+    assert "unknown costs warp_drive" in capsys.readouterr().err

@@ -29,9 +29,11 @@ def test_boundary_walks_each_list_about_twice_while_naive_rewalks() -> None:
     n = naive.engine.counters.visited
     assert b <= 2 * BLOCKS + 8
     # naive: each search walks back over every block reported by the earlier batches
-    # (32 per batch): 32 * 32 * (0 + 1 + ... + 7) = 28672 skips, plus the 256 finds.
-    batches = BLOCKS // 32
-    assert n >= 32 * 32 * batches * (batches - 1) // 2 + BLOCKS
+    # (16 per batch, v10's capacity): 16 * 16 * (0 + 1 + ... + 15) = 30720 skips, plus the
+    # 256 finds.
+    cap = naive.engine.capacity
+    batches = BLOCKS // cap
+    assert n >= cap * cap * batches * (batches - 1) // 2 + BLOCKS
     assert boundary.engine.counters.pages_reported == naive.engine.counters.pages_reported
 
 
@@ -173,3 +175,44 @@ def test_isolate_blocks_pageblocks_then_restores_them() -> None:
             assert head >= 0
     assert any(alloc._fl[p] & PG_REPORTED for p, _, t in sim.log.reported if t > 10.0)
     check_invariants(alloc)
+
+
+def test_report_capacity_is_per_engine() -> None:
+    # v10's driver capped a report at VIRTIO_BALLOON_VRING_HINTS_MAX (16); the merged series
+    # carries 32; a per-page hint is one block per exit.
+    expected = {"upstream": 32, "boundary": 16, "naive": 16, "bitmap": 32, "isolate": 32}
+    for name, cap in expected.items():
+        sim = small_sim(name)
+        assert sim.engine is not None and sim.engine.capacity == cap, name
+        sim.advance_to(3.0)
+        c = sim.engine.counters
+        assert c.reports > 1, name
+        # Every device call is within the capacity and at least one call is full.
+        assert c.blocks_reported <= c.reports * cap, name
+        assert c.blocks_reported > (c.reports - 1) * cap // 2, name
+    v10 = small_sim("boundary")
+    v10.advance_to(1.0)
+    assert v10.engine is not None
+    # The whole zone (256 blocks of order 10) in calls of 16: exactly 16 device calls.
+    assert v10.engine.counters.reports == BLOCKS // 16
+
+
+def test_cmma_stores_a_state_per_change_and_the_host_discards_on_its_scan() -> None:
+    sim = small_sim("cmma")
+    engine = sim.engine
+    assert engine is not None
+    pfns = [sim.alloc_pages(0) for _ in range(64)]
+    for pfn in pfns:
+        sim.free_pages(pfn, 0)
+    c = engine.counters
+    assert c.hints == 128  # a store for every allocation and every free; no exit, no report
+    assert c.reports == 0 and sim.host.reported_pages == 0
+    sim.advance_to(1.0)  # the host's scan: every free page, per-CPU lists included
+    assert sim.host.reported_pages == sim.alloc.free_page_count()
+    # Reusing a discarded page refaults it.
+    before = sim.host.counters.refaults
+    again = sim.alloc_pages(0)
+    assert again in pfns and sim.host.counters.refaults == before + 1
+    sim.advance_to(2.0)  # the next scan discards nothing twice
+    assert sim.host.counters.blocks_reported_again == 0
+    check_invariants(sim.alloc)

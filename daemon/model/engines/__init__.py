@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import CostCounters, Engine, ReportSink
 from .bitmap import BitmapEngine
+from .cmma import CmmaEngine
 from .isolate import IsolateEngine
 from .perpage import PerPageEngine
 from .upstream import UpstreamEngine
@@ -22,22 +23,26 @@ ENGINES: dict[str, type[Engine]] = {
         PerPageEngine,
         IsolateEngine,
         NaiveEngine,
+        CmmaEngine,
     )
 }
 
 
-def make_engine(name: str, order: int) -> Engine:
+def make_engine(name: str, order: int, capacity: int | None = None, **options: float) -> Engine:
+    """An engine by CLI name; ``capacity`` None keeps the design's own report capacity;
+    ``options`` go to the engine's constructor (``worker_delay`` for v10, for instance)."""
     try:
         cls = ENGINES[name]
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}") from None
-    return cls(order=order)
+    return cls(order=order, capacity=capacity, **options)
 
 
 __all__ = [
     "ENGINES",
     "BitmapEngine",
     "BoundaryEngine",
+    "CmmaEngine",
     "CostCounters",
     "Engine",
     "IsolateEngine",

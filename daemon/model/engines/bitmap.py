@@ -16,7 +16,7 @@ import numpy as np
 
 from ..clock import PRIO_ENGINE
 from ..constants import PAGE_REPORTING_CAPACITY, PAGE_REPORTING_DELAY, PG_BUDDY
-from .base import Engine
+from .base import Engine, PassSteps
 
 
 class BitmapEngine(Engine):
@@ -26,11 +26,10 @@ class BitmapEngine(Engine):
     def __init__(
         self,
         order: int = 9,
-        capacity: int = PAGE_REPORTING_CAPACITY,
+        capacity: int | None = None,
         threshold: int = PAGE_REPORTING_CAPACITY,
     ) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+        super().__init__(order, capacity)
         self.threshold = threshold
         self.bitmaps: list[bytearray] = []
         self.bits_set: list[int] = []
@@ -61,7 +60,9 @@ class BitmapEngine(Engine):
             self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
-        self.scheduled = False
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         c = self.counters
         c.passes += 1
         alloc = self.alloc
@@ -85,12 +86,17 @@ class BitmapEngine(Engine):
                     continue
                 batch.append((pfn, od[pfn]))
                 if len(batch) == self.capacity:
-                    self._flush(batch)
+                    yield from self._flush(batch)
         if batch:
-            self._flush(batch)
+            yield from self._flush(batch)
+        # Bits set while device calls were in flight start the next pass; one pass at a time.
+        self.scheduled = False
+        if sum(self.bits_set) >= self.threshold:
+            self.scheduled = True
+            self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
-    def _flush(self, batch: list[tuple[int, int]]) -> None:
-        self._report(batch)
+    def _flush(self, batch: list[tuple[int, int]]) -> PassSteps:
+        yield self._report(batch)
         self.counters.lock_acquisitions += 1
         for pfn, order in batch:
             self.alloc.putback_isolated_page(pfn, order)

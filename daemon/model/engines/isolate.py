@@ -15,14 +15,13 @@ from __future__ import annotations
 from ..clock import PRIO_ENGINE
 from ..constants import (
     MIGRATE_ISOLATE,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY,
     PG_BUDDY,
     PG_REPORTED,
     pageblock_nr_pages,
     pageblock_order,
 )
-from .base import Engine
+from .base import Engine, PassSteps
 
 HINT_BUFFER = 512
 
@@ -32,10 +31,9 @@ class IsolateEngine(Engine):
     description = "captured hints; check, isolate pageblock, report, un-isolate"
 
     def __init__(
-        self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY, buffer: int = HINT_BUFFER
+        self, order: int = 9, capacity: int | None = None, buffer: int = HINT_BUFFER
     ) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+        super().__init__(order, capacity)
         self.buffer = buffer
         self.hints: list[list[tuple[int, int]]] = []
         self.scheduled = False
@@ -62,7 +60,9 @@ class IsolateEngine(Engine):
             self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
-        self.scheduled = False
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         alloc = self.alloc
         c = self.counters
         c.passes += 1
@@ -93,9 +93,14 @@ class IsolateEngine(Engine):
                 taken.add(head)
                 batch.append((head, order, old_mt))
                 if len(batch) == self.capacity:
-                    self._flush(batch)
+                    yield from self._flush(batch)
             if batch:
-                self._flush(batch)
+                yield from self._flush(batch)
+        # Hints captured while device calls were in flight start the next pass.
+        self.scheduled = False
+        if any(self.hints):
+            self.scheduled = True
+            self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _set_isolate(self, head: int, order: int, mt: int) -> None:
         alloc = self.alloc
@@ -106,8 +111,8 @@ class IsolateEngine(Engine):
         moved = alloc.move_freepages_block(start, mt)
         self.counters.visited_locked += moved >> self.order
 
-    def _flush(self, batch: list[tuple[int, int, int]]) -> None:
-        self._report([(pfn, order) for pfn, order, _ in batch])
+    def _flush(self, batch: list[tuple[int, int, int]]) -> PassSteps:
+        yield self._report([(pfn, order) for pfn, order, _ in batch])
         alloc = self.alloc
         fl = alloc._fl
         od = alloc._od

@@ -19,8 +19,12 @@ class PerPageEngine(Engine):
     name = "perpage"
     description = "hint on every free (arch_free_page); host acts a little later"
 
-    def __init__(self, order: int = 0, host_latency: float = 0.001) -> None:
-        super().__init__(0)
+    default_capacity = 1  # one hint, one exit
+
+    def __init__(
+        self, order: int = 0, capacity: int | None = None, host_latency: float = 0.001
+    ) -> None:
+        super().__init__(0, 1)
         self.host_latency = host_latency
         self.pending: list[tuple[int, int]] = []
 
@@ -51,3 +55,4 @@ class PerPageEngine(Engine):
                 c.reallocated_before_host += 1
                 continue
             self._report([(pfn, order)])
+            self.in_flight = 0  # the host acts on its own time; nothing in the guest waits

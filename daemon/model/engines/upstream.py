@@ -14,6 +14,9 @@ Mapping to the kernel, function by function:
 * ``_cycle`` is page_reporting_cycle(): budget DIV_ROUND_UP(nr_free, CAPACITY * 16), walk from
   the head skipping PageReported, isolate into the batch, rotate the list at the first
   unprocessed page before dropping the lock to report, drain, restart at the (new) head.
+* a device call takes ``OpCosts.report()`` of simulated time (the round trip and the host's
+  discards); the pass waits it out with the lock dropped and the batch isolated, as the kernel
+  waits in wait_for_completion(), while the guest keeps allocating around it.
 * ``_drain`` is page_reporting_drain(): put each page back to the tail without a notification,
   flag it Reported only if it did not merge; walked in scatterlist order (last isolated first).
 """
@@ -26,12 +29,11 @@ from ..constants import (
     MIGRATE_ISOLATE,
     MIGRATE_TYPES,
     NR_PAGE_ORDERS,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_DELAY,
     PG_BUDDY,
     PG_REPORTED,
 )
-from .base import Engine
+from .base import Engine, PassSteps
 
 PAGE_REPORTING_IDLE = 0
 PAGE_REPORTING_REQUESTED = 1
@@ -42,9 +44,8 @@ class UpstreamEngine(Engine):
     name = "upstream"
     description = "5.7+ page_reporting: 2 s delay, capacity 32, budget, list rotation"
 
-    def __init__(self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+    def __init__(self, order: int = 9, capacity: int | None = None) -> None:
+        super().__init__(order, capacity)
         self.state = PAGE_REPORTING_IDLE
         self.batch: list[tuple[int, int]] = []
 
@@ -65,16 +66,19 @@ class UpstreamEngine(Engine):
         self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         self.state = PAGE_REPORTING_ACTIVE
         self.counters.passes += 1
         for zone in range(len(self.alloc.zones)):
-            self._process_zone(zone)
+            yield from self._process_zone(zone)
         if self.state == PAGE_REPORTING_REQUESTED:
             self.clock.schedule(PAGE_REPORTING_DELAY, self._process, PRIO_ENGINE)
         else:
             self.state = PAGE_REPORTING_IDLE
 
-    def _process_zone(self, zone: int) -> None:
+    def _process_zone(self, zone: int) -> PassSteps:
         alloc = self.alloc
         z = alloc.zones[zone]
         watermark = z.wmark_low + (self.capacity << self.order)
@@ -85,13 +89,13 @@ class UpstreamEngine(Engine):
             for mt in range(MIGRATE_TYPES):
                 if mt == MIGRATE_ISOLATE:
                     continue
-                self._cycle(zone, order, mt, batch)
+                yield from self._cycle(zone, order, mt, batch)
         if batch:
-            self._report(batch)
+            yield self._report(batch)
             self.counters.lock_acquisitions += 1
             self._drain(batch)
 
-    def _cycle(self, zone: int, order: int, mt: int, batch: list[tuple[int, int]]) -> None:
+    def _cycle(self, zone: int, order: int, mt: int, batch: list[tuple[int, int]]) -> PassSteps:
         alloc = self.alloc
         c = self.counters
         s = alloc.sentinel(zone, order, mt)
@@ -127,7 +131,7 @@ class UpstreamEngine(Engine):
             # Batch full: make this page the head, drop the lock, report, retake, drain.
             if nx[s] != page:
                 rotate_to_front(alloc, s, page)
-            self._report(batch)
+            yield self._report(batch)  # the zone lock is dropped meanwhile
             budget -= 1
             c.lock_acquisitions += 1
             self._drain(batch)

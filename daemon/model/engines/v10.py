@@ -18,7 +18,9 @@ and a per-list ``reported_boundary`` pointing at the first of them:
   so every pass starts by walking back over the reported run at the tail of each list;
 * notification: nr_free(order) >= reported pages of that order + PAGE_REPORTING_HWM (32), once
   per zone until the zone's pass ends; the worker runs HZ / 10 later and reports the zone until
-  no unreported page is left (no budget yet, that came in v16).
+  no unreported page is left (no budget yet, that came in v16);
+* a device call carries at most 16 blocks: v10's virtio_balloon capped the reporting queue at
+  min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX = 16); the merged series made it 32.
 
 ``naive`` is the same code with the boundary never kept: every search starts again from the
 list_head (the kernel's name for the sentinel), that is from the tail, and walks back over every
@@ -33,13 +35,13 @@ from ..constants import (
     MIGRATE_ISOLATE,
     MIGRATE_TYPES,
     NR_PAGE_ORDERS,
-    PAGE_REPORTING_CAPACITY,
     PAGE_REPORTING_HWM,
     PAGE_REPORTING_V10_DELAY,
     PG_BUDDY,
     PG_REPORTED,
+    VIRTIO_BALLOON_VRING_HINTS_MAX,
 )
-from .base import Engine
+from .base import Engine, PassSteps
 
 
 class BoundaryEngine(Engine):
@@ -48,9 +50,17 @@ class BoundaryEngine(Engine):
 
     keep_boundary = True
 
-    def __init__(self, order: int = 9, capacity: int = PAGE_REPORTING_CAPACITY) -> None:
-        super().__init__(order)
-        self.capacity = capacity
+    # v10's device took min(vring size, VIRTIO_BALLOON_VRING_HINTS_MAX) blocks per call.
+    default_capacity = VIRTIO_BALLOON_VRING_HINTS_MAX
+
+    def __init__(
+        self,
+        order: int = 9,
+        capacity: int | None = None,
+        worker_delay: float = PAGE_REPORTING_V10_DELAY,
+    ) -> None:
+        super().__init__(order, capacity)
+        self.worker_delay = worker_delay  # HZ / 10 in v10; varied to show what it costs
         self.requested: list[bool] = []
         self.active: list[bool] = []
         self.refcnt = 0
@@ -84,25 +94,28 @@ class BoundaryEngine(Engine):
         self.requested[zone] = True
         self.refcnt += 1
         if self.refcnt == 1:
-            self.clock.schedule(PAGE_REPORTING_V10_DELAY, self._process, PRIO_ENGINE)
+            self.clock.schedule(self.worker_delay, self._process, PRIO_ENGINE)
 
     def _process(self) -> None:
+        self._run(self._pass())
+
+    def _pass(self) -> PassSteps:
         self.counters.passes += 1
         nz = len(self.alloc.zones)
         zone = 0
         while self.refcnt:
             if self.requested[zone]:
-                self._cycle(zone)
+                yield from self._cycle(zone)
             zone = (zone + 1) % nz
 
-    def _cycle(self, zone: int) -> None:
+    def _cycle(self, zone: int) -> PassSteps:
         c = self.counters
         c.lock_acquisitions += 1
         batch = self.batch
         while True:
             if not self._fill(zone, batch):
                 break
-            self._report(batch)
+            yield self._report(batch)
             c.lock_acquisitions += 1
             self._drain(batch)
             if not self.requested[zone]:
