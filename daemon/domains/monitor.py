@@ -120,9 +120,14 @@ class LibvirtMonitor:
         info = await self.source.info(self.uuid)
         vm.status = info.state
         vm.running = info.state == "running"
-        stats = await self.source.memory_stats(
-            self.uuid, ram_bytes=vm.memory.ram_bytes, now=time.time()
-        )
+        try:
+            stats = await self.source.memory_stats(
+                self.uuid, ram_bytes=vm.memory.ram_bytes, now=time.time()
+            )
+        except lv.Unsupported as exc:  # a driver or domain without balloon statistics
+            vm.guest_stats, vm.guest_stats_error = None, str(exc)
+            vm.last_poll = time.time()
+            return
         if vm.balloon.present:
             self._balloon(stats.balloon_actual_bytes, stats.problems)
         guest = stats.guest

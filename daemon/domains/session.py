@@ -91,10 +91,13 @@ class LibvirtSession(SessionBase):
     def domain_stopped(self, cause: str) -> None:
         self.active = False
         self.stopped_cause = cause
-        # Down at once, not at the next poll: the domain's QEMU is gone.
+        # Down at once, not at the next poll: the domain's QEMU is gone. (An attach under way
+        # finds out itself, and its cycle returns at once.)
         if self.state == S.RUNNING:
             self._set(S.DISCONNECTED, cause)
             self._record_detach(cause)
+        elif self.state == S.DISCONNECTED:
+            self._set(S.DISCONNECTED, cause)  # a failed call may have said it first, less well
         self._changed.set()
 
     def source_changed(self) -> None:
@@ -154,8 +157,9 @@ class LibvirtSession(SessionBase):
         return f"libvirtd at {self.source.uri} is not connected: {self.source.last_error or '-'}"
 
     def _failed(self, exc: lv.LibvirtSourceError) -> None:
-        if isinstance(exc, lv.DomainNotRunning | lv.DomainNotFound):
-            self.active = False  # the lifecycle event says the same, or will
+        if self.active and isinstance(exc, lv.DomainNotRunning | lv.DomainNotFound):
+            # The lifecycle event says the same, or will, with the detail (destroyed, crashed).
+            self.active = False
             self.stopped_cause = str(exc)
 
     async def _wait_changed(self, timeout: float | None = None) -> None:
