@@ -388,7 +388,8 @@ def report(
         "# libvirt source: cost of the calls, and Debian's libvirt exporter",
         "",
         f"Run: `python bench/bench_libvirt.py --domains {','.join(map(str, args.domains))} "
-        f"--calls {args.calls} --scrapes {args.scrapes} --window {args.window:g}` on {time.strftime('%Y-%m-%d')}.",
+        f"--calls {args.calls} --scrapes {args.scrapes} --window {args.window:g}` on "
+        f"{time.strftime('%Y-%m-%d')}.",
         "",
         "## Machine",
         "",
