@@ -241,7 +241,7 @@ class Reclaimd:
             path = self._agent_path(vm, agent)
             reader = None
             if transport is not None and self.settings.agents:
-                path = f"{vm.attach}:{vm.name}"
+                path = f"{vm.attach}:{vm.name}"  # where the agent is reached, for people
                 reader = AgentReader(transport, name=vm.name)
             elif path is not None:
                 reader = AgentReader(SocketTransport(path, name=f"{vm.name} agent"), name=vm.name)

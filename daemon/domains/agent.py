@@ -16,9 +16,6 @@ from typing import Any
 from daemon import libvirt as lv
 from daemon.agent import AgentTimeout, AgentUnavailable, BadReply, command_error
 
-#: What an agent path reads as for a libvirt domain (``vm.agent.path`` in the API).
-AGENT_PATH = "libvirt:org.qemu.guest_agent.0"
-
 
 class LibvirtAgentTransport:
     """One domain's guest agent through the libvirt source."""
