@@ -20,6 +20,7 @@ import time
 
 from daemon import libvirt as lv
 from daemon.fleet import VMState
+from daemon.qmp.probe import keep_guest_stats
 from daemon.untrusted import one_line
 
 MAX_LABEL = 256
@@ -130,16 +131,9 @@ class LibvirtMonitor:
             return
         if vm.balloon.present:
             self._balloon(stats.balloon_actual_bytes, stats.problems)
-        guest = stats.guest
-        vm.guest_stats = guest
+        keep_guest_stats(vm, stats.guest)
         if not vm.balloon.present:
             vm.guest_stats_error = vm.balloon.problem
-        elif not guest.available:
-            vm.guest_stats_error = "guest has not reported statistics yet (driver not loaded?)"
-        elif not guest.valid:
-            vm.guest_stats_error = "rejected: " + "; ".join(guest.problems)
-        else:
-            vm.guest_stats_error = None
         vm.last_poll = time.time()
 
     async def read_balloon(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import libvirt
@@ -105,14 +105,6 @@ def test_no_balloon_and_nova_labels() -> None:
 
 
 # -- the daemon on the test driver ---------------------------------------------------------------
-
-
-@pytest.fixture
-def admin() -> Iterator[libvirt.virConnect]:
-    """A second connection to the same test driver, to change things behind the daemon."""
-    conn = libvirt.open(TEST_URI)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture
