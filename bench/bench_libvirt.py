@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -189,6 +190,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def series_of(
+    text: str, label: str, live_name: str, is_memory: Callable[[str], bool]
+) -> tuple[int, dict[str, int], set[str], dict[str, float]]:
+    """Of an exposition: the series in all, the series per value of ``label``, and the names
+    and memory values (``is_memory``) of the series of ``label=live_name``."""
+    per: dict[str, int] = defaultdict(int)
+    names: set[str] = set()
+    live: dict[str, float] = {}
+    total = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            total += 1
+            value = sample.labels.get(label)
+            if value is None:
+                continue
+            per[value] += 1
+            if value == live_name:
+                names.add(sample.name)
+                if is_memory(sample.name):
+                    live[sample.name] = sample.value
+    return total, dict(per), names, live
+
+
 def measure_exporter(uri: str, live_name: str, scrapes: int) -> ExporterResult:
     port = free_port()
     argv = [EXPORTER, f"--web.listen-address=127.0.0.1:{port}", f"--libvirt.uri={uri}"]
@@ -215,28 +239,16 @@ def measure_exporter(uri: str, live_name: str, scrapes: int) -> ExporterResult:
     finally:
         proc.terminate()
         proc.wait(10)
-    per_domain: dict[str, int] = defaultdict(int)
-    names: set[str] = set()
-    live: dict[str, float] = {}
-    total = 0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            total += 1
-            domain = sample.labels.get("domain")
-            if domain is None:
-                continue
-            per_domain[domain] += 1
-            if domain == live_name:
-                names.add(sample.name)
-                if "memory" in sample.name:
-                    live[sample.name] = sample.value
+    total, per_domain, names, live = series_of(
+        text, "domain", live_name, lambda name: "memory" in name
+    )
     return ExporterResult(
         argv=[a.replace(uri, "URI") for a in argv],
         domains=len(per_domain),
         scrape_p50=statistics.median(times),
         cpu_per_scrape=cpu,
         series_total=total,
-        series_per_domain=dict(per_domain),
+        series_per_domain=per_domain,
         names_per_domain=sorted(names),
         live_memory=live,
     )
@@ -303,21 +315,9 @@ def measure_reclaimd(
         proc.terminate()
         proc.wait(20)
         shutil.rmtree(workdir, ignore_errors=True)
-    per_vm: dict[str, int] = defaultdict(int)
-    names: set[str] = set()
-    live: dict[str, float] = {}
-    total = 0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            total += 1
-            vm = sample.labels.get("vm")
-            if vm is None:
-                continue
-            per_vm[vm] += 1
-            if vm == live_name:
-                names.add(sample.name)
-                if sample.name.endswith("_bytes") and not sample.name.endswith("_total"):
-                    live[sample.name] = sample.value
+    total, per_vm, names, live = series_of(
+        text, "vm", live_name, lambda name: name.endswith("_bytes")
+    )
     return ReclaimdResult(
         vms=len(per_vm),
         attach_seconds=attach,
@@ -326,7 +326,7 @@ def measure_reclaimd(
         scrape_p50=statistics.median(times),
         cpu_per_scrape=max(0.0, scrape_cpu / scrapes),
         series_total=total,
-        series_per_vm=dict(per_vm),
+        series_per_vm=per_vm,
         names_per_vm=sorted(names),
         live_memory=live,
     )
