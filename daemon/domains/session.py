@@ -129,15 +129,16 @@ class LibvirtSession(SessionBase):
                     await self._wait_changed()
                     continue
                 self._set(S.ATTACHING)
+                domain = self.domain
                 try:
                     facts = await read_domain(
                         self.source,
-                        self.domain,
+                        domain,
                         self.vm,
                         stats_interval=self.settings.stats_interval,
                     )
                 except lv.LibvirtSourceError as exc:
-                    self._failed(exc)
+                    self._failed(exc, domain)
                     self._set(S.DISCONNECTED, f"attach failed: {exc}")
                     await self._wait_changed(RETRY_ATTACH)
                     continue
@@ -156,9 +157,15 @@ class LibvirtSession(SessionBase):
     def _lost_cause(self) -> str:
         return f"libvirtd at {self.source.uri} is not connected: {self.source.last_error or '-'}"
 
-    def _failed(self, exc: lv.LibvirtSourceError) -> None:
-        if self.active and isinstance(exc, lv.DomainNotRunning | lv.DomainNotFound):
-            # The lifecycle event says the same, or will, with the detail (destroyed, crashed).
+    def _failed(self, exc: lv.LibvirtSourceError, domain: lv.DomainRef) -> None:
+        """A call on ``domain`` (the instance it was made for) failed."""
+        if (
+            self.active
+            and self.domain is domain
+            and isinstance(exc, lv.DomainNotRunning | lv.DomainNotFound)
+        ):
+            # The lifecycle event says the same, or will, with the detail (destroyed, crashed);
+            # unless the domain started again meanwhile (domain_started gave a new instance).
             self.active = False
             self.stopped_cause = str(exc)
 
@@ -187,7 +194,8 @@ class LibvirtSession(SessionBase):
     async def _follow(self) -> str:
         """Run the cycle on schedule until the domain stops, libvirtd goes or a stop is asked;
         the cause."""
-        monitor = LibvirtMonitor(self.source, self.domain.uuid, self.vm)
+        domain = self.domain
+        monitor = LibvirtMonitor(self.source, domain.uuid, self.vm)
         loop = asyncio.get_running_loop()
         schedule = PollSchedule(self.settings.poll_interval, loop.time())
         self._changed.clear()
@@ -196,12 +204,14 @@ class LibvirtSession(SessionBase):
                 return STOPPING_CAUSE
             if not self.active:
                 return self.stopped_cause
+            if self.domain != domain:  # stopped and started again before this task ran
+                return f"{domain.name} was restarted"
             if not self.source.connected:
                 return self._lost_cause()
             try:
                 extra = await self.cycle(monitor)
             except lv.LibvirtSourceError as exc:
-                self._failed(exc)
+                self._failed(exc, domain)
                 return self.stopped_cause if not self.active else str(exc)
             stats = self.vm.guest_stats
             due = schedule.advance(
