@@ -191,10 +191,10 @@ def free_port() -> int:
 
 
 def series_of(
-    text: str, label: str, live_name: str, is_memory: Callable[[str], bool]
+    text: str, label: str, live_name: str, is_memory: Callable[[str, dict[str, str]], bool]
 ) -> tuple[int, dict[str, int], set[str], dict[str, float]]:
     """Of an exposition: the series in all, the series per value of ``label``, and the names
-    and memory values (``is_memory``) of the series of ``label=live_name``."""
+    and memory values (``is_memory(name, labels)``) of the series of ``label=live_name``."""
     per: dict[str, int] = defaultdict(int)
     names: set[str] = set()
     live: dict[str, float] = {}
@@ -208,7 +208,7 @@ def series_of(
             per[value] += 1
             if value == live_name:
                 names.add(sample.name)
-                if is_memory(sample.name):
+                if is_memory(sample.name, sample.labels):
                     live[sample.name] = sample.value
     return total, dict(per), names, live
 
@@ -240,7 +240,7 @@ def measure_exporter(uri: str, live_name: str, scrapes: int) -> ExporterResult:
         proc.terminate()
         proc.wait(10)
     total, per_domain, names, live = series_of(
-        text, "domain", live_name, lambda name: "memory" in name
+        text, "domain", live_name, lambda name, _labels: "memory" in name
     )
     return ExporterResult(
         argv=[a.replace(uri, "URI") for a in argv],
@@ -316,7 +316,10 @@ def measure_reclaimd(
         proc.wait(20)
         shutil.rmtree(workdir, ignore_errors=True)
     total, per_vm, names, live = series_of(
-        text, "vm", live_name, lambda name: name.endswith("_bytes")
+        text,
+        "vm",
+        live_name,
+        lambda name, labels: name.endswith("_bytes") and set(labels) == {"vm"},
     )
     return ReclaimdResult(
         vms=len(per_vm),
@@ -484,7 +487,8 @@ def report(
         f" {daemon.libvirtd_cpu_per_second * 1000:.1f} ms/s meanwhile |",
         f"| every domain attached | - | {daemon.attach_seconds:.1f} s after start |",
         "",
-        'reclaimd\'s memory facts for the booted guest (bytes series of `vm="bench-live"`): '
+        "reclaimd's memory facts for the booted guest (its bytes series labelled only"
+        ' `vm="bench-live"`; the free lists by order are one series per order): '
         + ", ".join(
             f"`{k}` = {v / (1 << 20):.1f} MiB" for k, v in sorted(daemon.live_memory.items())
         ),
