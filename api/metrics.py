@@ -78,6 +78,7 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
                     "uuid": vm.uuid or "",
                     "qemu_version": vm.qemu_version or "",
                     "attach": vm.attach,
+                    **vm.labels,
                 }
             ),
             1.0,

@@ -12,9 +12,11 @@ cheap paused ones (64 MiB, TCG). Measured:
   through the source's 4 workers), against the single ``getAllDomainStats(BALLOON)`` call, for
   each domain count;
 - ``prometheus-libvirt-exporter`` (Debian's, the kumina exporter) against the same libvirtd:
-  its command line, scrape time, its CPU per scrape, series per domain and their names.
+  its command line, scrape time, its CPU per scrape, series per domain and their names;
+- ``reclaimd serve --libvirt`` on the same domains: the same, plus its steady CPU between
+  scrapes (polls, scans) and libvirtd's meanwhile, side by side with the exporter.
 
-    python bench/bench_libvirt.py [--domains 10,40] [--calls 200] [--scrapes 20]
+    python bench/bench_libvirt.py [--domains 10,40] [--calls 200] [--scrapes 20] [--window 20]
 
 Results go to bench/RESULTS-libvirt.md (``--output``). Needs root, libvirt-daemon-system,
 libvirt-clients, qemu-system-x86 and prometheus-libvirt-exporter.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -35,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -186,6 +190,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def series_of(
+    text: str, label: str, live_name: str, is_memory: Callable[[str, dict[str, str]], bool]
+) -> tuple[int, dict[str, int], set[str], dict[str, float]]:
+    """Of an exposition: the series in all, the series per value of ``label``, and the names
+    and memory values (``is_memory(name, labels)``) of the series of ``label=live_name``."""
+    per: dict[str, int] = defaultdict(int)
+    names: set[str] = set()
+    live: dict[str, float] = {}
+    total = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            total += 1
+            value = sample.labels.get(label)
+            if value is None:
+                continue
+            per[value] += 1
+            if value == live_name:
+                names.add(sample.name)
+                if is_memory(sample.name, sample.labels):
+                    live[sample.name] = sample.value
+    return total, dict(per), names, live
+
+
 def measure_exporter(uri: str, live_name: str, scrapes: int) -> ExporterResult:
     port = free_port()
     argv = [EXPORTER, f"--web.listen-address=127.0.0.1:{port}", f"--libvirt.uri={uri}"]
@@ -212,29 +239,98 @@ def measure_exporter(uri: str, live_name: str, scrapes: int) -> ExporterResult:
     finally:
         proc.terminate()
         proc.wait(10)
-    per_domain: dict[str, int] = defaultdict(int)
-    names: set[str] = set()
-    live: dict[str, float] = {}
-    total = 0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            total += 1
-            domain = sample.labels.get("domain")
-            if domain is None:
-                continue
-            per_domain[domain] += 1
-            if domain == live_name:
-                names.add(sample.name)
-                if "memory" in sample.name:
-                    live[sample.name] = sample.value
+    total, per_domain, names, live = series_of(
+        text, "domain", live_name, lambda name, _labels: "memory" in name
+    )
     return ExporterResult(
         argv=[a.replace(uri, "URI") for a in argv],
         domains=len(per_domain),
         scrape_p50=statistics.median(times),
         cpu_per_scrape=cpu,
         series_total=total,
-        series_per_domain=dict(per_domain),
+        series_per_domain=per_domain,
         names_per_domain=sorted(names),
+        live_memory=live,
+    )
+
+
+@dataclass
+class ReclaimdResult:
+    vms: int
+    attach_seconds: float  # from start until every domain was up
+    cpu_per_second: float  # the daemon's own, steady state (polls, scans, agent)
+    libvirtd_cpu_per_second: float  # libvirtd's meanwhile (answering the daemon, mostly)
+    scrape_p50: float
+    cpu_per_scrape: float  # above the steady rate
+    series_total: int
+    series_per_vm: dict[str, int]
+    names_per_vm: list[str]
+    live_memory: dict[str, float]
+
+
+def measure_reclaimd(
+    uri: str, live_name: str, expected: int, scrapes: int, libvirtd_pid: int, window: float
+) -> ReclaimdResult:
+    """``reclaimd serve --libvirt URI`` on the same domains, with its default settings."""
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="rd-bench-"))
+    env = {**os.environ, "RECLAIMD_JOURNAL": str(workdir / "journal.sqlite3")}
+    argv = [sys.executable, "-m", "daemon.cli", "serve", "--libvirt", uri,
+            "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        argv, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/v1/vms", timeout=5) as reply:
+                    vms = json.load(reply)["vms"]
+                if sum(1 for v in vms if v["up"]) >= expected:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("reclaimd did not attach every domain in 60 s")
+            time.sleep(0.1)
+        attach = time.monotonic() - started
+        time.sleep(5)  # past the first scans
+        c0, l0, t0 = cpu_seconds(proc.pid), cpu_seconds(libvirtd_pid), time.monotonic()
+        time.sleep(window)
+        elapsed = time.monotonic() - t0
+        rate = (cpu_seconds(proc.pid) - c0) / elapsed
+        libvirtd_rate = (cpu_seconds(libvirtd_pid) - l0) / elapsed
+        times = []
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        text = ""
+        for _ in range(scrapes):
+            t = time.perf_counter()
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+            times.append(time.perf_counter() - t)
+        scrape_cpu = cpu_seconds(proc.pid) - c0 - rate * (time.monotonic() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(workdir, ignore_errors=True)
+    total, per_vm, names, live = series_of(
+        text,
+        "vm",
+        live_name,
+        lambda name, labels: name.endswith("_bytes") and set(labels) == {"vm"},
+    )
+    return ReclaimdResult(
+        vms=len(per_vm),
+        attach_seconds=attach,
+        cpu_per_second=rate,
+        libvirtd_cpu_per_second=libvirtd_rate,
+        scrape_p50=statistics.median(times),
+        cpu_per_scrape=max(0.0, scrape_cpu / scrapes),
+        series_total=total,
+        series_per_vm=per_vm,
+        names_per_vm=sorted(names),
         live_memory=live,
     )
 
@@ -276,8 +372,11 @@ async def run(args: argparse.Namespace, libvirtd: PrivateLibvirtd) -> str:
             rows.append(await measure_scale(source, conn, libvirtd_pid))
             print(f"{count} domains: {rows[-1]}", flush=True)
     exporter = measure_exporter(libvirtd.uri, "bench-live", args.scrapes)
+    daemon = measure_reclaimd(
+        libvirtd.uri, "bench-live", rows[-1].domains, args.scrapes, libvirtd_pid, args.window
+    )
     conn.close()
-    return report(args, raw, ours, rows, exporter)
+    return report(args, raw, ours, rows, exporter, daemon)
 
 
 def report(
@@ -286,12 +385,14 @@ def report(
     ours: CallCost,
     rows: list[ScaleRow],
     exporter: ExporterResult,
+    daemon: ReclaimdResult,
 ) -> str:
     lines = [
         "# libvirt source: cost of the calls, and Debian's libvirt exporter",
         "",
         f"Run: `python bench/bench_libvirt.py --domains {','.join(map(str, args.domains))} "
-        f"--calls {args.calls} --scrapes {args.scrapes}` on {time.strftime('%Y-%m-%d')}.",
+        f"--calls {args.calls} --scrapes {args.scrapes} --window {args.window:g}` on "
+        f"{time.strftime('%Y-%m-%d')}.",
         "",
         "## Machine",
         "",
@@ -363,6 +464,38 @@ def report(
         "no free, available or cache, no free page reporting, nothing from the host's view)",
         "",
     ]
+    ours_per = sorted(set(daemon.series_per_vm.values()))
+    n = daemon.vms
+    lines += [
+        f"## reclaimd serve --libvirt on the same {n} domains, side by side",
+        "",
+        "`reclaimd serve --libvirt URI` with its defaults (poll every 2 s, host scans within the"
+        " 0.05 CPU-s/s budget, the agent where there is one), started after the exporter"
+        f" stopped. Steady CPU over {args.window:g} s, five seconds after every domain was up;"
+        " scrape CPU is what the scrapes added above that rate.",
+        "",
+        f"| | {EXPORTER} | reclaimd |",
+        "|---|---|---|",
+        f"| scrape p50 | {ms(exporter.scrape_p50)} | {ms(daemon.scrape_p50)} |",
+        f"| CPU per scrape | {ms(exporter.cpu_per_scrape)} | {ms(daemon.cpu_per_scrape)} |",
+        f"| CPU per scrape and VM | {ms(exporter.cpu_per_scrape / max(1, exporter.domains))}"
+        f" | {ms(daemon.cpu_per_scrape / max(1, n))} |",
+        f"| series in all | {exporter.series_total} | {daemon.series_total} |",
+        f"| series per VM | {', '.join(map(str, per))} | {', '.join(map(str, ours_per))} |",
+        f"| CPU between scrapes | none (reads at scrape time) | {daemon.cpu_per_second * 1000:.1f}"
+        f" ms/s ({daemon.cpu_per_second * 1000 / max(1, n):.2f} ms/s per VM); libvirtd"
+        f" {daemon.libvirtd_cpu_per_second * 1000:.1f} ms/s meanwhile |",
+        f"| every domain attached | - | {daemon.attach_seconds:.1f} s after start |",
+        "",
+        "reclaimd's memory facts for the booted guest (its bytes series labelled only"
+        ' `vm="bench-live"`; the free lists by order are one series per order): '
+        + ", ".join(
+            f"`{k}` = {v / (1 << 20):.1f} MiB" for k, v in sorted(daemon.live_memory.items())
+        ),
+        "",
+        "All its series for one VM: " + ", ".join(f"`{x}`" for x in daemon.names_per_vm),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -373,6 +506,7 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--scrapes", type=int, default=20)
+    parser.add_argument("--window", type=float, default=20.0, help="s of reclaimd's steady CPU")
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "RESULTS-libvirt.md"
     )

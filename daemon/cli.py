@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
             socket_glob=args.socket_glob,
             listen_socket=args.listen_socket,
             web_config=args.web_config,
+            libvirt=args.libvirt,
+            proxmox=args.proxmox,
         )
         if vms:
             settings = settings.model_copy(update={"vm": [*settings.vm, *vms]})
@@ -113,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--journal", type=Path, help="SQLite event journal path")
     serve.add_argument("--socket-glob", help="watched glob of QMP sockets (connect mode)")
     serve.add_argument("--listen-socket", type=Path, help="Unix socket QEMUs connect to")
+    serve.add_argument(
+        "--libvirt",
+        nargs="?",
+        const="qemu:///system",
+        metavar="URI",
+        help="attach every domain of a libvirt URI through libvirt's API (default URI "
+        "qemu:///system; also RECLAIMD_LIBVIRT; needs reclaimd[libvirt])",
+    )
+    serve.add_argument(
+        "--proxmox",
+        nargs="?",
+        const=Path("/"),
+        type=Path,
+        metavar="ROOT",
+        help="a Proxmox VE host's VMs, polled from ROOT/var/run/qemu-server (default ROOT /; "
+        "also RECLAIMD_PROXMOX)",
+    )
     serve.add_argument(
         "--web-config",
         type=Path,

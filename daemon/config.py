@@ -10,6 +10,8 @@ Example ``reclaimd.toml``::
     journal = "/var/lib/reclaimd/journal.sqlite3"
     socket_glob = "/run/qemu/*.qmp"          # connect mode, VMs follow their sockets
     listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
+    libvirt = "qemu:///system"                # every libvirt domain, through libvirt's API
+    proxmox = "/"                             # a Proxmox VE host's VMs, in poll mode
     web_config = "/etc/reclaimd/web-config.yml"  # TLS and basic auth (api/webconfig.py)
 
     listen_socket_group = "libvirt-qemu"     # whose members' QEMUs may connect (socket 0660)
@@ -186,6 +188,16 @@ class Settings(BaseSettings):
     socket_glob_mode: AttachMode = "connect"
     listen_socket: Path | None = Field(
         default=None, description="Unix socket that QEMUs connect to (listen mode)"
+    )
+    libvirt: str | None = Field(
+        default=None,
+        description="libvirt URI whose domains to attach through libvirt's API, e.g. "
+        "qemu:///system (needs reclaimd[libvirt]); unset: no libvirt source",
+    )
+    proxmox: Path | None = Field(
+        default=None,
+        description="root of a Proxmox VE host's files (/ on the host): its VMs from "
+        "ROOT/var/run/qemu-server/*.qmp in poll mode, named from ROOT/etc/pve/qemu-server",
     )
     listen_socket_group: str | None = Field(
         default=None,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from daemon.ledger.ranges import RangeHistory
     from daemon.ledger.status import HostStatus
 
-AttachKind = Literal["connect", "poll", "listen"]
+AttachKind = Literal["connect", "poll", "listen", "libvirt"]
 #: ``VMState.last_error`` is at most this long: causes quote what a peer sent.
 MAX_ERROR = 512
 
@@ -124,6 +124,8 @@ class VMState:
     estimate: Estimate | None = None
     ranges: RangeHistory | None = None
     agent: AgentStatus | None = None  # None: no guest agent known for this VM
+    # Extra identity labels of qemu_vm_info (a libvirt domain's OpenStack Nova metadata).
+    labels: dict[str, str] = field(default_factory=dict)
 
     def set_session_state(self, state: SessionState, error: str | None = None) -> None:
         if state != self.session_state:

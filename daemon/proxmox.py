@@ -22,11 +22,16 @@ shrink the VM to, 0 meaning no balloon device at all.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from daemon.untrusted import vm_name
 
 __all__ = [
     "CONFIG_DIR",
@@ -34,6 +39,7 @@ __all__ = [
     "RUN_DIR",
     "ProxmoxConfig",
     "ProxmoxVM",
+    "ProxmoxWatcher",
     "discover",
     "parse_vm_config",
 ]
@@ -246,3 +252,56 @@ def discover(root: Path = Path("/"), *, proc: Path = Path("/proc")) -> list[Prox
                 )
             )
     return sorted(vms, key=lambda vm: vm.vmid)
+
+
+class ProxmoxWatcher:
+    """Calls ``appeared(vm)`` and ``vanished(name)`` as Proxmox VMs' sockets come and go under
+    ``root``; a VM whose name changed (its configuration was edited) vanishes and appears again
+    under the new one. Names are unique: a second VM of a taken name is ``NAME-VMID``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        appeared: Callable[[ProxmoxVM], None],
+        vanished: Callable[[str], None],
+        interval: float = 2.0,
+        proc: Path = Path("/proc"),
+    ) -> None:
+        self.root = root
+        self.appeared = appeared
+        self.vanished = vanished
+        self.interval = interval
+        self.proc = proc
+        self.known: dict[int, ProxmoxVM] = {}  # by VMID
+
+    def update(self, found: list[ProxmoxVM]) -> None:
+        # Whoever may configure VMs names them: the characters of configured names only.
+        now = {
+            vm.vmid: dataclasses.replace(vm, name=vm_name(vm.name) or f"vm{vm.vmid}")
+            for vm in found
+        }
+        for vmid, vm in list(self.known.items()):
+            new = now.get(vmid)
+            if new is None or new.qmp_socket != vm.qmp_socket or _base_name(new, vm):
+                del self.known[vmid]
+                self.vanished(vm.name)
+        taken = {vm.name for vm in self.known.values()}
+        for vmid, vm in sorted(now.items()):
+            if vmid in self.known:
+                continue
+            if vm.name in taken:
+                vm = dataclasses.replace(vm, name=f"{vm.name}-{vmid}")
+            taken.add(vm.name)
+            self.known[vmid] = vm
+            self.appeared(vm)
+
+    async def run(self) -> None:
+        while True:
+            self.update(await asyncio.to_thread(discover, self.root, proc=self.proc))
+            await asyncio.sleep(self.interval)
+
+
+def _base_name(new: ProxmoxVM, old: ProxmoxVM) -> bool:
+    """Whether the VM's configured name changed (``old`` may carry a ``-VMID`` suffix)."""
+    return old.name not in (new.name, f"{new.name}-{new.vmid}")

@@ -21,20 +21,27 @@ import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemon.agent import AgentReader, SocketTransport
+from daemon.agent import AgentReader, AgentTransport, SocketTransport
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import AttachKind, Fleet, VMState
 from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS
 from daemon.journal import Journal, JournalEntry
 from daemon.ledger.estimate import margin_for
+from daemon.proxmox import ProxmoxVM, ProxmoxWatcher
 from daemon.qmp.discovery import SocketWatcher
 from daemon.qmp.errors import CommandFailed, QMPSessionError
 from daemon.qmp.intake import fold_event_counts, record
 from daemon.qmp.listener import Listener
 from daemon.qmp.session import Cycle, PollSession, Session, SessionBase, poll_only
+from daemon.untrusted import vm_name
 from daemon.vmcycle import VMCycle
+
+if TYPE_CHECKING:
+    # Imported when a libvirt URI is configured: the binding is an optional extra.
+    from daemon import libvirt as lv
+    from daemon.domains import LibvirtSession
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,7 @@ class Reclaimd:
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._intake_tasks: list[asyncio.Task[None]] = []
         self._listener: Listener | None = None
+        self._libvirt: lv.LibvirtSource | None = None
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -123,8 +131,39 @@ class Reclaimd:
             )
             self._listener.open()
             self._spawn_intake(self._listener.run(), "qmp-listener")
+        if self.settings.libvirt:
+            await self._start_libvirt(self.settings.libvirt)
+        if self.settings.proxmox is not None:
+            proxmox = ProxmoxWatcher(
+                self.settings.proxmox,
+                appeared=self._proxmox_appeared,
+                vanished=self.remove_vm,
+                interval=min(2.0, self.settings.poll_interval),
+            )
+            self._spawn_intake(proxmox.run(), "proxmox-watcher")
         self._spawn_intake(self._prune_forever(), "journal-prune")
         self.started = True
+
+    async def _start_libvirt(self, uri: str) -> None:
+        """Connect to libvirtd (in the background) and follow its domains."""
+        from daemon import libvirt as lv
+        from daemon.domains import LibvirtHost
+
+        self._libvirt = lv.LibvirtSource(
+            uri,
+            call_timeout=self.settings.command_timeout,
+            connect_timeout=self.settings.connect_timeout,
+            # libvirtd restarts in a second or two: look again soon, and at least every 2 s.
+            backoff_initial=min(0.25, self.settings.backoff_initial),
+            backoff_max=min(2.0, self.settings.backoff_max),
+        )
+        await self._libvirt.start()
+        host = LibvirtHost(
+            self._libvirt,
+            appeared=lambda domain, active: self._libvirt_appeared(uri, domain, active),
+            vanished=self.remove_vm,
+        )
+        self._spawn_intake(host.run(), "libvirt-host")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop intake; ask every session to stop and wait up to ``timeout`` for them, then
@@ -145,6 +184,9 @@ class Reclaimd:
             await self._listener.wait_served(timeout)
             self._listener = None
         self._session_tasks.clear()
+        if self._libvirt is not None:  # after the sessions: they record their detach first
+            await self._libvirt.close()
+            self._libvirt = None
         if self.scanner is not None:
             # Let what is queued run out: scans whose views close next, and closes of the views
             # of VMs removed earlier (see VMCycle.close).
@@ -184,9 +226,12 @@ class Reclaimd:
             vm.event_counts = fold_event_counts(self._journal().event_counts(name))
         return vm
 
-    def _cycle(self, vm: VMState, agent: str | None = None) -> Cycle:
+    def _cycle(
+        self, vm: VMState, agent: str | None = None, transport: AgentTransport | None = None
+    ) -> Cycle:
         """The VM's poll cycle: with the host view, or only reading the monitor. ``agent`` is
-        the guest agent's address when configured for this VM."""
+        the guest agent's address when configured for this VM; ``transport`` another way to
+        its agent (libvirt's)."""
         if not self.host_view:
             return poll_only
         cycle = self._cycles.get(vm.name)
@@ -195,7 +240,10 @@ class Reclaimd:
                 cycle.close()
             path = self._agent_path(vm, agent)
             reader = None
-            if path is not None:
+            if transport is not None and self.settings.agents:
+                path = f"{vm.attach}:{vm.name}"  # where the agent is reached, for people
+                reader = AgentReader(transport, name=vm.name)
+            elif path is not None:
                 reader = AgentReader(SocketTransport(path, name=f"{vm.name} agent"), name=vm.name)
             cycle = VMCycle(
                 vm,
@@ -275,6 +323,32 @@ class Reclaimd:
 
     def _socket_appeared(self, name: str, path: Path) -> None:
         self.add_vm(name, Address("unix", path=str(path)), self.settings.socket_glob_mode)
+
+    def _proxmox_appeared(self, vm: ProxmoxVM) -> None:
+        self.add_vm(vm.name, Address("unix", path=str(vm.qmp_socket)), "poll", pid=vm.pid)
+
+    def _libvirt_appeared(self, uri: str, domain: lv.DomainRef, active: bool) -> LibvirtSession:
+        """A session for a libvirt domain the host has no VM for (see daemon.domains.host)."""
+        from daemon.domains import LibvirtAgentTransport, LibvirtSession
+
+        assert self._libvirt is not None
+        name = vm_name(domain.name) or domain.uuid
+        self.remove_vm(name)
+        vm = self._track(name, f"libvirt:{uri}", "libvirt")
+        transport = LibvirtAgentTransport(self._libvirt, domain.uuid)
+        session = LibvirtSession(
+            vm,
+            self.settings,
+            self._journal(),
+            source=self._libvirt,
+            domain=domain,
+            agent=transport,
+            cycle=self._cycle(vm, transport=transport),
+            active=active,
+        )
+        self.sessions[name] = session
+        self._session_tasks[name] = asyncio.create_task(session.run(), name=f"session-{name}")
+        return session
 
     def _listened_session(self, name: str) -> Session:
         """The session of a VM that connected to the listen socket: new on its first connection,

@@ -55,3 +55,18 @@ def test_addresses() -> None:
     assert parse_vm_flag("pve=poll+unix:/var/run/qemu-server/101.qmp").mode == "poll"
     with pytest.raises(ConfigError):
         Address.parse("tcp:host:99999")
+
+
+def test_libvirt_and_proxmox_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--libvirt", "--proxmox"])
+    assert args.libvirt == "qemu:///system" and args.proxmox == Path("/")
+    args = build_parser().parse_args(["serve", "--libvirt", "qemu+ssh://h/system"])
+    assert args.libvirt == "qemu+ssh://h/system" and args.proxmox is None
+    assert load_settings().libvirt is None  # off unless asked for
+    monkeypatch.setenv("RECLAIMD_LIBVIRT", "qemu:///session")
+    monkeypatch.setenv("RECLAIMD_PROXMOX", "/host")
+    settings = load_settings()
+    assert settings.libvirt == "qemu:///session" and settings.proxmox == Path("/host")
+    assert load_settings(libvirt="test:///default").libvirt == "test:///default"

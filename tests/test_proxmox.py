@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from daemon.proxmox import CONFIG_DIR, RUN_DIR, ProxmoxConfig, discover, parse_vm_config
+from daemon.proxmox import (
+    CONFIG_DIR,
+    RUN_DIR,
+    ProxmoxConfig,
+    ProxmoxVM,
+    ProxmoxWatcher,
+    discover,
+    parse_vm_config,
+)
 
 MiB = 1 << 20
 
@@ -145,3 +153,24 @@ def test_an_oversized_configuration_is_not_read(root: Path) -> None:
     (root / CONFIG_DIR / "100.conf").write_text("#" * (2 * MiB))
     (vm,) = discover(root)
     assert vm.config is None and any("larger than" in p for p in vm.problems)
+
+
+def _vm(vmid: int, name: str, root: Path = Path("/r")) -> ProxmoxVM:
+    return ProxmoxVM(vmid, name, root / RUN_DIR / f"{vmid}.qmp", None, None)
+
+
+def test_the_watcher_follows_sockets_and_names() -> None:
+    events: list[tuple[str, str]] = []
+    watcher = ProxmoxWatcher(
+        Path("/r"),
+        appeared=lambda vm: events.append(("+", vm.name)),
+        vanished=lambda name: events.append(("-", name)),
+    )
+    watcher.update([_vm(100, "web"), _vm(101, "web"), _vm(102, "bad name/../x")])
+    # Unique, and of the characters configured names may have.
+    assert events == [("+", "web"), ("+", "web-101"), ("+", "bad_name_.._x")]
+    events.clear()
+    watcher.update([_vm(100, "web"), _vm(101, "web"), _vm(102, "bad name/../x")])
+    assert events == []  # nothing changed, nothing said
+    watcher.update([_vm(101, "web"), _vm(102, "db")])
+    assert events == [("-", "web"), ("-", "bad_name_.._x"), ("+", "db")]

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from daemon.fleet import VMState
-from daemon.guest_stats import parse_guest_stats
+from daemon.guest_stats import GuestStats, parse_guest_stats
 from daemon.qmp.connection import READ_LIMIT, QMPConnection
 from daemon.qmp.errors import BadReply, CommandFailed
 from daemon.untrusted import (
@@ -219,7 +219,11 @@ async def read_guest_stats(conn: QMPConnection, vm: VMState) -> None:
     except CommandFailed as exc:
         vm.guest_stats_error = str(exc)
         return
-    stats = parse_guest_stats(reply, ram_bytes=vm.memory.ram_bytes, now=time.time())
+    keep_guest_stats(vm, parse_guest_stats(reply, ram_bytes=vm.memory.ram_bytes, now=time.time()))
+
+
+def keep_guest_stats(vm: VMState, stats: GuestStats) -> None:
+    """Keep parsed guest statistics on the VM, with why they cannot be used when so."""
     vm.guest_stats = stats
     if not stats.available:
         vm.guest_stats_error = "guest has not reported statistics yet (driver not loaded?)"

@@ -57,9 +57,10 @@ from daemon.qmp.intake import (
 from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.schedule import PollSchedule
 
-#: What a session runs each poll, with the monitor of the attached connection. It may return a
+#: What a session runs each poll, with the monitor of the attached connection (a ``QMPMonitor``,
+#: or a libvirt domain's: any ``daemon.vmcycle.Monitor``). It may return a
 #: ``time.monotonic()`` time for an extra cycle before the next scheduled one.
-Cycle = Callable[[QMPMonitor], Awaitable[float | None]]
+Cycle = Callable[[Any], Awaitable[float | None]]
 Transitions = Mapping[SessionState, frozenset[SessionState]]
 
 S = SessionState

@@ -11,15 +11,26 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+# --build-arg EXTRAS=libvirt adds the libvirt source (libvirt-python builds against libvirt-dev).
+ARG EXTRAS=
+
 FROM ${PYTHON_IMAGE} AS build
+ARG EXTRAS
 WORKDIR /src
+RUN if [ -n "$EXTRAS" ]; then apt-get update \
+ && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc \
+ && rm -rf /var/lib/apt/lists/*; fi
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
 COPY api ./api
 RUN python -m venv /opt/reclaimd \
- && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check .
+ && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check ".${EXTRAS:+[$EXTRAS]}"
 
 FROM ${PYTHON_IMAGE}
+ARG EXTRAS
+RUN if [ -n "$EXTRAS" ]; then apt-get update \
+ && apt-get install -y --no-install-recommends libvirt0 \
+ && rm -rf /var/lib/apt/lists/*; fi
 RUN groupadd --system --gid 10001 reclaimd \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/reclaimd \
       --shell /usr/sbin/nologin reclaimd \

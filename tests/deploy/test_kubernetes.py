@@ -174,3 +174,31 @@ def test_every_resource_lives_in_the_namespace() -> None:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace, path.name
     assert load_yaml(KUBE / "kustomization.yaml")["namespace"] == namespace
+
+
+def test_the_libvirt_overlay_adds_the_socket_read_only_and_nothing_else() -> None:
+    overlay = DEPLOY / "kubernetes-libvirt"
+    kustomization = load_yaml(overlay / "kustomization.yaml")
+    assert kustomization["resources"] == ["../kubernetes"]
+    (patch_file,) = [p["path"] for p in kustomization["patches"]]
+    patch = load_yaml(overlay / patch_file)
+    base = by_kind("DaemonSet")
+    assert patch["kind"] == base["kind"]
+    assert all(base["metadata"][k] == v for k, v in patch["metadata"].items())
+    # Merged as kustomize's strategic merge does for these lists (by name).
+    pod, extra = base["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
+    (c,), (more,) = pod["containers"], extra["containers"]
+    assert set(more) == {"name", "env", "volumeMounts"}
+    c["env"] = more["env"] + c["env"]
+    c["volumeMounts"] += more["volumeMounts"]
+    pod["volumes"] += extra["volumes"]
+    kubernetes_validate.validate(base, KUBERNETES_VERSION, strict=True)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["RECLAIMD_LIBVIRT"] == "qemu:///system"
+    assert "RECLAIMD_LIBVIRT" in setting_env_names()
+    (mount,) = more["volumeMounts"]
+    assert mount == {"name": "libvirt-run", "mountPath": "/run/libvirt", "readOnly": True}
+    (volume,) = extra["volumes"]
+    assert volume["hostPath"]["path"] == "/run/libvirt"
+    # No capability, privilege or host namespace beyond the base's.
+    assert "securityContext" not in more and set(extra) == {"containers", "volumes"}

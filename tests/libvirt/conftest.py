@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from daemon.libvirt import LibvirtSource
@@ -73,6 +74,15 @@ def booted(libvirtd: PrivateLibvirtd, libvirt_guest_image: GuestImage) -> Iterat
     finally:
         libvirtd.virsh("destroy", spec.name, check=False)
         libvirtd.virsh("undefine", spec.name, check=False)
+
+
+@pytest.fixture
+def admin() -> Iterator[libvirt.virConnect]:
+    """A connection of its own to libvirt's in-process test driver (``test:///default``, one
+    state per process), to change things behind the source or the daemon under test."""
+    conn = libvirt.open("test:///default")
+    yield conn
+    conn.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import libvirt
@@ -41,14 +41,6 @@ def domain_xml(name: str, uuid: str) -> str:
         f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>"
         "<memory unit='MiB'>128</memory><os><type>hvm</type></os></domain>"
     )
-
-
-@pytest.fixture
-def admin() -> Iterator[libvirt.virConnect]:
-    """A second connection to the same test driver, to change things behind the source."""
-    conn = libvirt.open(TEST_URI)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

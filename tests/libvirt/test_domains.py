@@ -1,0 +1,198 @@
+"""libvirt domains as VMs of the daemon, on libvirt's in-process test driver (``test:///default``):
+the real library and its events, with no daemon and no QEMU (the e2e tests have both).
+
+``test:///default`` is one shared state per process, with a running domain named ``test``;
+each test defines its own domains and removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from daemon.config import Settings
+from daemon.domains import LIBVIRT_TRANSITIONS, LibvirtSession
+from daemon.domains.monitor import apply_facts, ram_layout
+from daemon.fleet import SessionState, VMState
+from daemon.host.ramblocks import parse_ramblocks, select_guest_ram
+from daemon.libvirt import parse_domain_xml
+from daemon.qmp.errors import CommandFailed
+from daemon.service import BelowFloor, Reclaimd, VMUnavailable
+
+TEST_URI = "test:///default"
+MiB = 1 << 20
+S = SessionState
+
+
+def domain_xml(name: str, uuid: str, *, balloon: bool = True, nova: str = "") -> str:
+    devices = "<devices><memballoon model='virtio'><stats period='2'/></memballoon></devices>"
+    metadata = f"<metadata>{nova}</metadata>" if nova else ""
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>{metadata}"
+        "<memory unit='MiB'>128</memory><os><type>hvm</type></os>"
+        f"{devices if balloon else ''}</domain>"
+    )
+
+
+NOVA = (
+    "<nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
+    "<nova:name>web-1</nova:name><nova:flavor name='m1.small'/>"
+    "<nova:owner><nova:project uuid='p-1'>demo</nova:project></nova:owner></nova:instance>"
+)
+
+
+# -- the RAM layout the host view gets from the XML ---------------------------------------------
+
+
+def test_plain_ram_is_one_block_of_the_domain_s_memory() -> None:
+    facts = parse_domain_xml(domain_xml("d", str(uuidlib.uuid4())))
+    layout = ram_layout(facts)
+    assert layout is not None
+    table, memdevs = layout
+    (block,) = parse_ramblocks(table)
+    assert (block.name, block.total, block.used, block.page_size) == (
+        "pc.ram",
+        128 * MiB,
+        128 * MiB,
+        4096,
+    )
+    chosen = select_guest_ram(parse_ramblocks(table), memdevs, 128 * MiB)
+    assert isinstance(chosen, list) and [g.name for g in chosen] == ["pc.ram"]
+
+
+def test_numa_cells_and_dimms_and_shared_memfd() -> None:
+    facts = parse_domain_xml(
+        "<domain type='kvm'><name>d</name><uuid>6b1f5d4e-0000-4000-8000-000000000001</uuid>"
+        "<maxMemory slots='4' unit='MiB'>8192</maxMemory>"
+        "<memory unit='MiB'>3072</memory>"
+        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+        "<cpu><numa><cell id='0' cpus='0' memory='1024' unit='MiB'/>"
+        "<cell id='1' cpus='1' memory='1024' unit='MiB'/></numa></cpu>"
+        "<devices><memory model='dimm'><target><size unit='MiB'>1024</size><node>0</node>"
+        "</target></memory></devices></domain>"
+    )
+    layout = ram_layout(facts)
+    assert layout is not None
+    table, memdevs = layout
+    blocks = parse_ramblocks(table)
+    assert [(b.name, b.offset, b.total) for b in blocks] == [
+        ("ram-node0", 0, 1024 * MiB),
+        ("ram-node1", 1024 * MiB, 1024 * MiB),
+    ]
+    assert all(m["share"] is True for m in memdevs)
+    vm = VMState("d", "libvirt:x", "libvirt")
+    apply_facts(vm, facts)
+    assert (vm.memory.base_bytes, vm.memory.plugged_bytes) == (2048 * MiB, 1024 * MiB)
+
+
+def test_no_balloon_and_nova_labels() -> None:
+    facts = parse_domain_xml(domain_xml("d", str(uuidlib.uuid4()), balloon=False, nova=NOVA))
+    vm = VMState("d", "libvirt:x", "libvirt")
+    apply_facts(vm, facts)
+    assert vm.balloon.present is False and vm.balloon.problem == "no virtio-balloon device"
+    assert vm.labels == {
+        "instance_name": "web-1",
+        "flavor": "m1.small",
+        "project_name": "demo",
+        "project_uuid": "p-1",
+    }
+
+
+# -- the daemon on the test driver ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Reclaimd]:
+    settings = Settings(libvirt=TEST_URI, journal=tmp_path / "journal.sqlite3", poll_interval=0.2)
+    rd = Reclaimd(settings, host_view=False)
+    await rd.start()
+    yield rd
+    await rd.stop()
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout:g} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_domain_s_life_in_the_fleet(daemon: Reclaimd, admin: libvirt.virConnect) -> None:
+    # The test driver's own running domain is there from the first snapshot.
+    await until(lambda: (vm := daemon.fleet.get("test")) is not None and vm.up, "test attached")
+    uuid = str(uuidlib.uuid4())
+    dom = admin.defineXML(domain_xml("rd-unit", uuid, nova=NOVA))
+    try:
+        await until(lambda: "rd-unit" in daemon.fleet, "the defined domain listed")
+        vm = daemon.fleet.get("rd-unit")
+        assert vm is not None and vm.attach == "libvirt" and not vm.up
+        dom.create()
+        await until(lambda: vm.up, "attached once started")
+        assert vm.uuid == uuid
+        assert vm.labels["instance_name"] == "web-1"
+        assert vm.memory.ram_bytes == 128 * MiB
+        assert vm.balloon.present and vm.balloon.stats_polling_interval == 2
+        await until(lambda: vm.balloon.actual_bytes == 128 * MiB, "balloon read")
+        assert vm.event_counts.get("LIFECYCLE_STARTED") == 1
+
+        # The API's balloon call: setMemoryFlags(AFFECT_LIVE), journalled.
+        with pytest.raises(BelowFloor):  # no stats from this driver, no configured floor
+            await daemon.set_balloon("rd-unit", 64 * MiB, requester="t")
+        await daemon.set_balloon("rd-unit", 64 * MiB, requester="t", force=True)
+        assert dom.info()[2] == 64 * 1024
+        await until(lambda: vm.balloon.actual_bytes == 64 * MiB, "balloon followed")
+        entries = await daemon.events("rd-unit", since=None, before_id=None, limit=50)
+        assert any(e.kind == "request" and e.name == "balloon" for e in entries)
+
+        dom.destroy()
+        await until(lambda: not vm.up, "down once destroyed")
+        assert "destroyed" in (vm.last_error or "")
+        with pytest.raises(VMUnavailable, match="not attached"):
+            await daemon.set_balloon("rd-unit", 64 * MiB, requester="t", force=True)
+        session = daemon.sessions["rd-unit"]
+        assert isinstance(session, LibvirtSession)
+        dom.create()
+        await until(lambda: vm.up, "attached again")
+        assert daemon.fleet.get("rd-unit") is vm  # the same record: history kept
+        assert vm.reconnects == 1
+        dom.destroy()
+        await until(lambda: not vm.up, "down again")
+        assert list(session.transitions) == [
+            S.IDLE, S.DISCONNECTED, S.ATTACHING, S.RUNNING, S.DISCONNECTED,
+            S.ATTACHING, S.RUNNING, S.DISCONNECTED,
+        ]  # fmt: skip
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    await until(lambda: "rd-unit" not in daemon.fleet, "gone once undefined")
+    assert "rd-unit" not in daemon.sessions
+
+
+async def test_a_transient_domain_goes_when_it_stops(
+    daemon: Reclaimd, admin: libvirt.virConnect
+) -> None:
+    dom = admin.createXML(domain_xml("rd-transient", str(uuidlib.uuid4())))
+    await until(lambda: (vm := daemon.fleet.get("rd-transient")) is not None and vm.up, "up")
+    dom.destroy()
+    await until(lambda: "rd-transient" not in daemon.fleet, "gone once stopped")
+
+
+async def test_no_command_but_balloon_reaches_a_domain(daemon: Reclaimd) -> None:
+    await until(lambda: (vm := daemon.fleet.get("test")) is not None and vm.up, "test attached")
+    session = daemon.sessions["test"]
+    with pytest.raises(CommandFailed, match="not offered"):
+        await session.command("human-monitor-command", {"command-line": "info mtree"})
+
+
+def test_the_transition_table_is_closed() -> None:
+    for state, targets in LIBVIRT_TRANSITIONS.items():
+        assert targets <= set(LIBVIRT_TRANSITIONS), state
+    assert LIBVIRT_TRANSITIONS[S.STOPPED] == frozenset()
