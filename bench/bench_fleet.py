@@ -120,6 +120,8 @@ class Daemon:
             del env[key]
         if tree is not None:
             env["PYTHONPATH"] = str(tree)
+        else:
+            env.update(THIS_TREE_ENV)  # settings only this tree has (--this-tree-env)
         env.update(
             RECLAIMD_SOCKET_GLOB=glob,
             RECLAIMD_JOURNAL=str(workdir / "journal.sqlite3"),
@@ -443,9 +445,19 @@ def write_results(path: Path, title: str, script: str, section: str) -> str:
     return text
 
 
+THIS_TREE_ENV: dict[str, str] = {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("fleet",), default="fleet")
+    parser.add_argument(
+        "--this-tree-env",
+        action="append",
+        default=[],
+        metavar="RECLAIMD_X=VALUE",
+        help="a setting for this tree's daemon only (e.g. RECLAIMD_AGENTS=false)",
+    )
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--ram", type=parse_size, default=32 * MiB, help="RAM per fleet guest")
     parser.add_argument("--warmup", type=float, default=20.0)
@@ -460,6 +472,7 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
     parser.add_argument("--rounds", type=int, default=1, help="fleet runs per daemon, in turns")
     args = parser.parse_args()
+    THIS_TREE_ENV.update(item.split("=", 1) for item in args.this_tree_env)
 
     sections = []
     workdir = Path(tempfile.mkdtemp(prefix="rd-fleet-"))
