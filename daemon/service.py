@@ -205,6 +205,7 @@ class Reclaimd:
                 agent=reader,
                 agent_path=path or "",
                 agent_refresh=self.settings.agent_refresh,
+                balloon_min_bytes=self._configured_floor(vm.name),
             )
             self._cycles[vm.name] = cycle
         return cycle
