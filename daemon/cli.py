@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
             socket_glob=args.socket_glob,
             listen_socket=args.listen_socket,
             web_config=args.web_config,
+            reclaim=args.reclaim,
         )
         if vms:
             settings = settings.model_copy(update={"vm": [*settings.vm, *vms]})
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="TLS and basic authentication for the API, in the web config format of "
         "Prometheus' exporters (also RECLAIMD_WEB_CONFIG)",
+    )
+    serve.add_argument(
+        "--reclaim",
+        choices=("advise", "act"),
+        help="advise (default): advice and dry-run log lines only; act: move balloons",
     )
     serve.set_defaults(func=_serve)
 
