@@ -32,8 +32,9 @@ from daemon.ledger.estimate import Estimate
 MiB = 1 << 20
 #: Swap-ins faster than this (bytes/s) are pressure: a guest that swaps in at all is short.
 SWAP_IN_RATE = 64 * 1024
-#: Major faults above this many times their own baseline rate are pressure (a guest reading
-#: files faults all the time: only a rise says it lost its cache).
+#: Major faults above this many times their own baseline rate, in two windows in a row, are
+#: pressure (a guest reading files faults all the time: only a lasting rise says it lost its
+#: cache; stats stamps are whole seconds, so one short window can look twice as fast).
 MAJOR_FAULT_RISE = 3.0
 MAJOR_FAULT_FLOOR = 200.0  # faults/s below which no rise counts
 BASELINE_WEIGHT = 0.1  # of a new window in the major-fault baseline
@@ -93,6 +94,7 @@ class PressureWatch:
     _last: GuestStats | None = None
     _pressure: Pressure = field(default_factory=Pressure)
     _baseline: float | None = None
+    _major_before: float | None = None  # the previous window's rate
 
     def observe(self, stats: GuestStats | None, margin: int) -> Pressure:
         """The pressure as of ``stats`` (the same until the guest sends new ones)."""
@@ -108,9 +110,11 @@ class PressureWatch:
         dt = stats.last_update - last.last_update
         swap = _rate(last.swap_in_bytes, stats.swap_in_bytes, dt)
         major = _rate(last.major_faults, stats.major_faults, dt)
+        major_before, self._major_before = self._major_before, major
+        lasting = None if major is None or major_before is None else min(major, major_before)
         stalls = _delta(last.alloc_stalls, stats.alloc_stalls)
         kills = _delta(last.oom_kills, stats.oom_kills)
-        self._pressure = self._of(swap, major, stalls, kills, stats, margin)
+        self._pressure = self._of(swap, lasting, stalls, kills, stats, margin)
         if major is not None and not self._pressure.under:
             base = self._baseline
             self._baseline = major if base is None else base + BASELINE_WEIGHT * (major - base)
