@@ -29,6 +29,7 @@ from daemon.fleet import AttachKind, Fleet, VMState
 from daemon.host.meminfo import host_memory_use
 from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS, RECLAIM_ACTIONS
 from daemon.journal import Journal, JournalEntry
+from daemon.ledger.advice import used_bytes
 from daemon.ledger.estimate import margin_for
 from daemon.ledger.reclaim import Decision, ReclaimController, ReclaimPolicy
 from daemon.qmp.discovery import SocketWatcher
@@ -404,10 +405,10 @@ class Reclaimd:
                 return None, f"{why}, and no balloon_min_bytes is configured"
             return configured, f"the configured minimum ({why})"
         assert stats.total_bytes is not None and stats.available_bytes is not None
-        used = max(0, stats.total_bytes - stats.available_bytes)
-        actual = vm.balloon.actual_bytes
-        if vm.balloon.deflate_on_oom and ram is not None and actual is not None:
-            used = max(0, used - (ram - actual))  # the balloon's pages count as used there
+        doom = vm.balloon.deflate_on_oom is True and ram is not None
+        used = used_bytes(
+            stats.total_bytes, stats.available_bytes, ram or 0, vm.balloon.actual_bytes, doom
+        )
         margin = margin_for(ram)
         floor = used + margin
         how = f"the guest's used memory ({_mib(used)}) plus the margin ({_mib(margin)})"

@@ -157,6 +157,15 @@ class Advice:
     pressure: Pressure
 
 
+def used_bytes(total: int, available: int, ram: int, actual: int | None, doom: bool) -> int:
+    """What the guest uses: total less available, less the balloon where deflate-on-oom
+    leaves its pages in the guest's total."""
+    used = max(0, total - available)
+    if doom and actual is not None:
+        used = max(0, used - (ram - actual))
+    return used
+
+
 def advise(
     *,
     at: float,
@@ -182,9 +191,7 @@ def advise(
     if stats.available_bytes is None:
         return none("the guest does not send its available memory")
     margin = estimate.margin_bytes
-    used = max(0, stats.total_bytes - stats.available_bytes)
-    if deflate_on_oom:
-        used = max(0, used - (ram - actual_bytes))  # the balloon's pages count as used there
+    used = used_bytes(stats.total_bytes, stats.available_bytes, ram, actual_bytes, deflate_on_oom)
     floor = min(ram, max(used + margin, minimum_bytes or 0))
     reasons: list[str] = [f"floor {floor // MiB} MiB: used {used // MiB} + margin {margin // MiB}"]
     if minimum_bytes is not None and minimum_bytes > used + margin:
