@@ -276,9 +276,15 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
     for r in results:
         series = r["series"]
         assert isinstance(series, list)
-        ax.plot([s[0] / 60 for s in series], [s[1] / MiB for s in series], label=r["controller"])
+        # One-minute means: single cycles swing with each workload's phase.
+        per = int(60 / CYCLE)
+        means = [
+            (series[i + per - 1][0] / 60, sum(x[1] for x in series[i : i + per]) / per / MiB)
+            for i in range(0, len(series) - per + 1, per)
+        ]
+        ax.plot([m[0] for m in means], [m[1] for m in means], label=r["controller"])
     ax.set_xlabel("guest time (min)")
-    ax.set_ylabel("host memory returned (MiB)")
+    ax.set_ylabel("host memory returned (MiB, 1-minute means)")
     ax.set_title("Memory returned over time, 5 guests x 256 MiB, mixed workloads")
     ax.legend()
     fig.tight_layout()
