@@ -281,6 +281,7 @@ class Reclaimd:
         cycle = self._cycles.pop(name, None)
         if cycle is not None:
             cycle.close()
+        self.reclaim.forget(name)
         self.fleet.remove(name)
         for series in (QMP_RECONNECTS, QMP_EVENTS_DROPPED):
             with contextlib.suppress(KeyError):

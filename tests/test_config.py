@@ -55,3 +55,22 @@ def test_addresses() -> None:
     assert parse_vm_flag("pve=poll+unix:/var/run/qemu-server/101.qmp").mode == "poll"
     with pytest.raises(ConfigError):
         Address.parse("tcp:host:99999")
+
+
+def test_reclaim_is_advise_unless_configured_to_act(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RECLAIMD_RECLAIM", raising=False)
+    assert load_settings().reclaim == "advise"
+    config = tmp_path / "r.toml"
+    config.write_text(
+        'reclaim = "act"\nreclaim_step_bytes = "64M"\n'
+        '[[vm]]\nname = "db"\naddress = "unix:/run/db.qmp"\nreclaim = false\n'
+    )
+    settings = load_settings(config)
+    assert settings.reclaim == "act" and settings.reclaim_step_bytes == 64 << 20
+    assert settings.vm[0].reclaim is False
+    with pytest.raises(ConfigError):
+        load_settings(reclaim="yes")
+    with pytest.raises(ConfigError):
+        load_settings(reclaim_host_target=1.5)
