@@ -19,7 +19,7 @@ from api.deps import BEARER_SCHEME
 from api.limits import BodyLimit
 from api.metrics import exposition
 from api.readauth import ReadAuth, is_open
-from api.routes import balloon, health, host, vms
+from api.routes import advice, balloon, health, host, vms
 from api.schemas import BalloonRequest
 from api.version import VERSION
 from api.webconfig import WebConfig
@@ -73,6 +73,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(balloon.router)
+    app.include_router(advice.router)
     app.include_router(host.router)
     problems.install(app)
     # Middleware added last runs first: the body limit sees every request before anything else.

@@ -155,6 +155,14 @@ class _HostFamilies:
         self.agent_up = Family(
             "qemu_guest_agent_up", "1 when the last read through the VM's guest agent worked"
         )
+        self.recommended = Family(
+            "qemu_balloon_recommended_bytes",
+            "Balloon target the advice recommends (the guest's usable memory)",
+        )
+        self.expected_gain = Family(
+            "qemu_balloon_expected_gain_bytes",
+            "Host memory the recommended target returns (stranded and cache only)",
+        )
         self.free_by_order = Family(
             "qemu_guest_free_by_order_bytes",
             "Guest free memory in blocks of each order (/proc/buddyinfo; from the guest agent "
@@ -164,6 +172,10 @@ class _HostFamilies:
     def add(self, vm: VMState, labels: str) -> None:
         if vm.agent is not None:
             self.agent_up.add(labels, vm.agent.ok)
+        advice = vm.advice
+        if advice is not None and advice.target_bytes is not None:
+            self.recommended.add(labels, advice.target_bytes)
+            self.expected_gain.add(labels, advice.expected_gain_bytes)
         host = vm.host
         if host is not None:
             if host.ledger is not None:
@@ -196,6 +208,8 @@ class _HostFamilies:
             self.effective,
             self.agent_up,
             self.free_by_order,
+            self.recommended,
+            self.expected_gain,
         )
 
 

@@ -321,3 +321,37 @@ class RangePage(BaseModel):
     ranges: list[ReportedRangeOut] = Field(description="newest first")
     total: int = Field(description="ranges seen since reclaimd attached")
     problem: str | None
+
+
+class PressureOut(BaseModel):
+    """Signs that the guest is short of memory, between its last two stats updates."""
+
+    signals: list[
+        Literal["oom_kills", "alloc_stalls", "swap_in", "major_faults", "available_below_margin"]
+    ] = Field(description="the signals shown; empty: no pressure")
+    swap_in_bytes_per_second: float | None
+    major_faults_per_second: float | None
+    major_fault_baseline: float | None = Field(description="the rate without pressure")
+    alloc_stalls: int | None = Field(description="in the window; null: the guest sends none")
+    oom_kills: int | None = Field(description="in the window; null: the guest sends none")
+    available_bytes: int | None
+    margin_bytes: int
+
+
+class AdviceOut(BaseModel):
+    """The balloon advice of one VM: what it should have, and what the host would get back."""
+
+    vm: str
+    at: float | None
+    target_bytes: int | None = Field(
+        description="recommended balloon target (the guest's usable memory); null: no advice"
+    )
+    expected_gain_bytes: int = Field(
+        description="host memory the target returns: stranded and cache only, never memory "
+        "free page reporting returned or will return"
+    )
+    current_bytes: int | None = Field(description="the balloon's actual now")
+    floor_bytes: int | None = Field(description="used memory plus margin, or the minimum")
+    action: Literal["inflate", "deflate", "hold", "none"]
+    reasons: list[str]
+    pressure: PressureOut | None

@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             libvirt=args.libvirt,
             proxmox=args.proxmox,
+            reclaim=args.reclaim,
         )
         if vms:
             settings = settings.model_copy(update={"vm": [*settings.vm, *vms]})
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="TLS and basic authentication for the API, in the web config format of "
         "Prometheus' exporters (also RECLAIMD_WEB_CONFIG)",
+    )
+    serve.add_argument(
+        "--reclaim",
+        choices=("advise", "act"),
+        help="advise (default): advice and dry-run log lines only; act: move balloons",
     )
     serve.set_defaults(func=_serve)
 

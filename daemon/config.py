@@ -114,6 +114,9 @@ class VMConfig(BaseModel):
         default=None,
         description="no balloon target below this unless forced (see Settings.balloon_min_bytes)",
     )
+    reclaim: bool = Field(
+        default=True, description="false: the reclaim controller leaves this VM alone"
+    )
 
     @field_validator("address")
     @classmethod
@@ -213,6 +216,24 @@ class Settings(BaseSettings):
         description="no balloon target below this unless the request says force: the floor "
         "where a guest sends no usable stats (a VM's own setting takes precedence); with "
         "stats, also a minimum under the guest's used memory plus the margin",
+    )
+    reclaim: Literal["advise", "act"] = Field(
+        default="advise",
+        description="advise: balloon advice in REST and metrics, and a log line for each step "
+        "the controller would take; act: the controller moves balloons (docs/operations.md)",
+    )
+    reclaim_step_bytes: Size = Field(
+        default=256 << 20, description="most one VM's balloon inflates in one cycle"
+    )
+    reclaim_cooldown: float = Field(
+        default=30.0, ge=0, le=86400, description="seconds between a VM's steps"
+    )
+    reclaim_host_target: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="inflate only while the host's memory use (1 - MemAvailable/MemTotal) is "
+        "above this share",
     )
     poll_interval: float = Field(default=2.0, ge=0.1, le=3600)
     stats_interval: int = Field(

@@ -20,6 +20,7 @@ from daemon.untrusted import one_line
 if TYPE_CHECKING:
     # What the poll cycle publishes from the ledger: the fleet holds it but, at run time,
     # depends on nothing above it (the import contract in pyproject.toml ignores these).
+    from daemon.ledger.advice import Advice
     from daemon.ledger.estimate import Estimate
     from daemon.ledger.ranges import RangeHistory
     from daemon.ledger.status import HostStatus
@@ -126,6 +127,7 @@ class VMState:
     agent: AgentStatus | None = None  # None: no guest agent known for this VM
     # Extra identity labels of qemu_vm_info (a libvirt domain's OpenStack Nova metadata).
     labels: dict[str, str] = field(default_factory=dict)
+    advice: Advice | None = None  # the balloon advice, published with the estimate
 
     def set_session_state(self, state: SessionState, error: str | None = None) -> None:
         if state != self.session_state:

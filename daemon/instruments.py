@@ -59,6 +59,13 @@ JOURNAL_ERRORS = Counter(
     "Journal writes that failed (the entry is lost; the daemon goes on)",
     registry=REGISTRY,
 )
+RECLAIM_ACTIONS = Counter(
+    "reclaimd_reclaim_actions",
+    "Balloon changes the reclaim controller made (--reclaim act), by action (inflate, "
+    "deflate) and reason (advice, pressure, near_margin, deflate_on_oom, failed)",
+    ["action", "reason"],
+    registry=REGISTRY,
+)
 RESIDENCY_SCAN_SECONDS = Histogram(
     "reclaimd_residency_scan_seconds",
     "Duration of one host residency scan of a VM's guest RAM",

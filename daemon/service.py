@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Any
 from daemon.agent import AgentReader, AgentTransport, SocketTransport
 from daemon.config import Address, AttachMode, Settings
 from daemon.fleet import AttachKind, Fleet, VMState
-from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS
+from daemon.host.meminfo import host_memory_use
+from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS, RECLAIM_ACTIONS
 from daemon.journal import Journal, JournalEntry
+from daemon.ledger.advice import used_bytes
 from daemon.ledger.estimate import margin_for
+from daemon.ledger.reclaim import Decision, ReclaimController, ReclaimPolicy
 from daemon.proxmox import ProxmoxVM, ProxmoxWatcher
 from daemon.qmp.discovery import SocketWatcher
 from daemon.qmp.errors import CommandFailed, QMPSessionError
@@ -82,6 +85,13 @@ class Reclaimd:
         self._listener: Listener | None = None
         self._libvirt: lv.LibvirtSource | None = None
         self.started = False
+        self.reclaim = ReclaimController(
+            ReclaimPolicy(
+                step_bytes=settings.reclaim_step_bytes,
+                cooldown_seconds=settings.reclaim_cooldown,
+                host_target=settings.reclaim_host_target,
+            )
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,6 +152,8 @@ class Reclaimd:
             )
             self._spawn_intake(proxmox.run(), "proxmox-watcher")
         self._spawn_intake(self._prune_forever(), "journal-prune")
+        if self.host_view:  # advice comes from the poll cycle's estimate
+            self._spawn_intake(self._reclaim_forever(), "reclaim")
         self.started = True
 
     async def _start_libvirt(self, uri: str) -> None:
@@ -253,6 +265,7 @@ class Reclaimd:
                 agent=reader,
                 agent_path=path or "",
                 agent_refresh=self.settings.agent_refresh,
+                balloon_min_bytes=self._configured_floor(vm.name),
             )
             self._cycles[vm.name] = cycle
         return cycle
@@ -316,6 +329,7 @@ class Reclaimd:
         cycle = self._cycles.pop(name, None)
         if cycle is not None:
             cycle.close()
+        self.reclaim.forget(name)
         self.fleet.remove(name)
         for series in (QMP_RECONNECTS, QMP_EVENTS_DROPPED):
             with contextlib.suppress(KeyError):
@@ -359,6 +373,66 @@ class Reclaimd:
             session = Session(vm, self.settings, self._journal(), cycle=self._cycle(vm))
             self.sessions[name] = session
         return session
+
+    # -- the reclaim controller (daemon.ledger.reclaim decides; this carries it out) ----------
+
+    async def _reclaim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            await self.reclaim_once(host_memory_use())
+
+    async def reclaim_once(self, host_use: float | None) -> list[Decision]:
+        """One controller cycle over every VM: act (``--reclaim act``) or log what it would do.
+        Returns the decisions that change a balloon."""
+        now, acting = time.time(), self.settings.reclaim == "act"
+        changes = []
+        for vm in list(self.fleet):
+            if not vm.up or not vm.balloon.present:
+                continue
+            stats = vm.guest_stats
+            decision = self.reclaim.decide(
+                vm.name,
+                vm.advice,
+                now=now,
+                ram_bytes=vm.memory.ram_bytes,
+                actual_bytes=vm.balloon.actual_bytes,
+                available_bytes=stats.available_bytes if stats is not None else None,
+                margin_bytes=margin_for(vm.memory.ram_bytes),
+                deflate_on_oom=vm.balloon.deflate_on_oom is True,
+                host_use=host_use,
+                opted_out=not self._reclaims(vm.name),
+            )
+            if decision.target_bytes is None:
+                continue
+            changes.append(decision)
+            if not acting:
+                log.info(
+                    "reclaim (advise, not acting): would %s %s to %s: %s; inputs %s",
+                    decision.action, vm.name, _mib(decision.target_bytes), decision.reason,
+                    decision.inputs,
+                )  # fmt: skip
+                self.reclaim.done(decision, now, applied=False)
+                continue
+            note = {"reason": decision.reason, "action": decision.action, **decision.inputs}
+            try:
+                # A deflation gives the guest memory: never refused for the floor.
+                await self.set_balloon(
+                    vm.name,
+                    decision.target_bytes,
+                    requester="reclaim-controller",
+                    force=decision.action == "deflate",
+                    note=note,
+                )
+            except (ValueError, VMUnavailable, UnknownVM) as exc:
+                log.warning("reclaim: %s %s failed: %s", decision.action, vm.name, exc)
+                RECLAIM_ACTIONS.labels(decision.action, "failed").inc()
+                continue
+            RECLAIM_ACTIONS.labels(decision.action, decision.reason).inc()
+            self.reclaim.done(decision, now)
+        return changes
+
+    def _reclaims(self, name: str) -> bool:
+        return all(vm.reclaim for vm in self.settings.vm if vm.name == name)
 
     # -- reads and actions for the API -----------------------------------------------------
 
@@ -406,10 +480,10 @@ class Reclaimd:
                 return None, f"{why}, and no balloon_min_bytes is configured"
             return configured, f"the configured minimum ({why})"
         assert stats.total_bytes is not None and stats.available_bytes is not None
-        used = max(0, stats.total_bytes - stats.available_bytes)
-        actual = vm.balloon.actual_bytes
-        if vm.balloon.deflate_on_oom and ram is not None and actual is not None:
-            used = max(0, used - (ram - actual))  # the balloon's pages count as used there
+        doom = vm.balloon.deflate_on_oom is True and ram is not None
+        used = used_bytes(
+            stats.total_bytes, stats.available_bytes, ram or 0, vm.balloon.actual_bytes, doom
+        )
         margin = margin_for(ram)
         floor = used + margin
         how = f"the guest's used memory ({_mib(used)}) plus the margin ({_mib(margin)})"
@@ -424,13 +498,20 @@ class Reclaimd:
         return self.settings.balloon_min_bytes
 
     async def set_balloon(
-        self, name: str, target_bytes: int, *, requester: str, force: bool = False
+        self,
+        name: str,
+        target_bytes: int,
+        *,
+        requester: str,
+        force: bool = False,
+        note: dict[str, object] | None = None,
     ) -> None:
         """Ask QEMU to move the balloon so the guest has ``target_bytes``; journalled.
 
         Raises UnknownVM; ValueError for a target that is not an integer in 1..RAM, and
         BelowFloor (a ValueError) for one below ``balloon_floor`` unless ``force``;
-        VMUnavailable when the VM cannot take it.
+        VMUnavailable when the VM cannot take it. ``note`` goes to the journal with the request
+        (the controller's reason and inputs).
         """
         if type(target_bytes) is not int:  # JSON true is an int to Python: not a size
             raise ValueError(f"target_bytes must be an integer, not {type(target_bytes).__name__}")
@@ -457,6 +538,7 @@ class Reclaimd:
             )
         journal = self._journal()
         data: dict[str, object] = {"target_bytes": target_bytes, "requester": requester}
+        data.update(note or {})
         if force:
             data.update(force=True, floor_bytes=floor)
         try:

@@ -42,6 +42,7 @@ from daemon.host.mtree import GuestPhysMap
 from daemon.host.unavailable import Unavailable
 from daemon.host.view import GuestRamScan, HostView
 from daemon.instruments import RESIDENCY_SCAN_SECONDS
+from daemon.ledger.advice import PressureWatch, advise
 from daemon.ledger.estimate import estimate
 from daemon.ledger.ranges import Ledger, LedgerSummary
 from daemon.ledger.reconcile import AgentSplit, FreeState, Moment, Reconciler
@@ -102,11 +103,15 @@ class VMCycle:
         agent: AgentSource | None = None,
         agent_path: str = "",
         agent_refresh: float = 60.0,
+        balloon_min_bytes: int | None = None,
     ) -> None:
         """``budget()`` is this VM's share of the scan budget now (CPU-seconds per second);
         ``scanner`` runs the scans (None: asyncio's default executor); ``agent`` reads the
-        guest's free lists (at ``agent_path``), None when the VM has no agent."""
+        guest's free lists (at ``agent_path``), None when the VM has no agent;
+        ``balloon_min_bytes`` is the configured minimum the balloon advice respects."""
         self.vm = vm
+        self.balloon_min_bytes = balloon_min_bytes
+        self.pressure = PressureWatch()
         self.budget = budget
         self.scanner = scanner
         self.view: HostView | None = None
@@ -317,6 +322,15 @@ class VMCycle:
             else None,
         )
         vm.estimate = result
+        vm.advice = advise(
+            at=now,
+            estimate=result,
+            stats=stats,
+            actual_bytes=vm.balloon.actual_bytes if vm.balloon.present else None,
+            deflate_on_oom=vm.balloon.deflate_on_oom is True,
+            pressure=self.pressure.observe(stats, result.margin_bytes),
+            minimum_bytes=self.balloon_min_bytes,
+        )
         vm.host = HostStatus(
             available=latest is not None and self.problem is None,
             problem=self.problem.reason.value if self.problem else None,

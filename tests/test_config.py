@@ -70,3 +70,22 @@ def test_libvirt_and_proxmox_from_flags_and_environment(monkeypatch: pytest.Monk
     settings = load_settings()
     assert settings.libvirt == "qemu:///session" and settings.proxmox == Path("/host")
     assert load_settings(libvirt="test:///default").libvirt == "test:///default"
+
+
+def test_reclaim_is_advise_unless_configured_to_act(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RECLAIMD_RECLAIM", raising=False)
+    assert load_settings().reclaim == "advise"
+    config = tmp_path / "r.toml"
+    config.write_text(
+        'reclaim = "act"\nreclaim_step_bytes = "64M"\n'
+        '[[vm]]\nname = "db"\naddress = "unix:/run/db.qmp"\nreclaim = false\n'
+    )
+    settings = load_settings(config)
+    assert settings.reclaim == "act" and settings.reclaim_step_bytes == 64 << 20
+    assert settings.vm[0].reclaim is False
+    with pytest.raises(ConfigError):
+        load_settings(reclaim="yes")
+    with pytest.raises(ConfigError):
+        load_settings(reclaim_host_target=1.5)

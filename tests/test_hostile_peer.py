@@ -35,7 +35,7 @@ from tests.qmp.test_session import eventually
 
 MiB = 1024 * 1024
 HEALTHY = ("ok0", "ok1", "ok2")
-VM_ENDPOINTS = ("", "/events", "/reported-ranges", "/estimate")
+VM_ENDPOINTS = ("", "/events", "/reported-ranges", "/estimate", "/advice")
 
 # -- what a hostile peer sends -----------------------------------------------------------------
 

@@ -77,6 +77,11 @@ class SimGuestSpec(GuestSpec):
     tick: float = 0.1
     # The Linux driver moves 256 pages per round trip; a busy host manages a few hundred MiB/s.
     balloon_bytes_per_second: int = 256 * MiB
+    # The guest's swap device (None: an eighth of RAM; 0: none, so pressure goes to OOM).
+    swap_bytes: int | None = None
+    # The guest kernel sends Linux 6.12's counters too (OOM kills, alloc stalls, scans and
+    # reclaims); only a QEMU of 9.2 or later passes them on over QMP.
+    linux_6_12_stats: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -29,6 +29,7 @@ from daemon.model.constants import PAGE_SIZE, PG_FREE_MASK, PG_REPORTED, PG_RESE
 from daemon.model.host import BALLOONED, PRESENT
 from daemon.simguest.agent import REPORTING_ORDER_FILE, buddyinfo, meminfo
 from daemon.simguest.guest import SimGuestSpec
+from daemon.simguest.pressure import SWAP_FRACTION, GuestPressure
 from daemon.simguest.ram import GuestRAM
 from daemon.simguest.truth import PageStates
 
@@ -71,7 +72,14 @@ class ModelGuestOS:
             raise ValueError("guest RAM must be a multiple of 4 MiB (MAX_PAGE_ORDER blocks)")
         self._ram = ram
         self._deflate_on_oom = spec.deflate_on_oom
+        self._new_stats = spec.linux_6_12_stats
         self.sim = Simulation(config, make_workload(workload))
+        swap = spec.swap_bytes if spec.swap_bytes is not None else spec.ram_bytes * SWAP_FRACTION
+        self.pressure = GuestPressure(
+            self.sim, swap_pages=int(swap) // PAGE_SIZE, deflate_on_oom=spec.deflate_on_oom
+        )
+        self._target_pages = 0  # the balloon target the driver last saw
+        self._oom_deflated = 0  # the OOM notifier's deflations the driver has seen
         self.reporting_order = order if spec.free_page_reporting else NO_REPORTING_ORDER
         # The kernel writes its own reservations (image, memmap) while it boots.
         ram.write(self.sim.alloc.heads(PG_RESERVED).astype(np.int64))
@@ -80,6 +88,7 @@ class ModelGuestOS:
     def advance(self, seconds: float) -> None:
         if seconds > 0:
             self.sim.advance_to(self.sim.now + seconds)
+            self.pressure.advance(seconds)
         self._apply(self.sim.drain_log())
 
     def _apply(self, log: SimLog) -> None:
@@ -94,6 +103,13 @@ class ModelGuestOS:
     def balloon_toward(self, target_pages: int, max_pages: int) -> int:
         balloon = self.sim.balloon
         have = len(balloon)
+        if self.pressure.oom_deflated != self._oom_deflated:
+            # The OOM notifier let pages go: the driver inflates again only when the host
+            # sets a new target (a config change), as virtio_balloon does.
+            if target_pages == self._target_pages:
+                return have
+            self._oom_deflated = self.pressure.oom_deflated
+        self._target_pages = target_pages
         if target_pages > have:
             taken = balloon.inflate(min(max_pages, target_pages - have))
             self._ram.discard(np.array(taken, dtype=np.int64))
@@ -104,22 +120,26 @@ class ModelGuestOS:
     def stats(self) -> GuestStats:
         """What ``update_balloon_stats()`` sends: the kernel's counters, pages in bytes."""
         info = self.sim.meminfo()
+        pressure = self.pressure.counters()
         total = info.total_pages
         if self._deflate_on_oom:
             # With deflate-on-oom the driver leaves totalram alone (adjust_managed_page_count
             # is skipped), so ballooned pages still count in MemTotal.
             total += len(self.sim.balloon)
         return GuestStats(
-            swap_in_bytes=info.pswpin * PAGE_SIZE,
-            swap_out_bytes=info.pswpout * PAGE_SIZE,
-            major_faults=info.pgmajfault,
-            minor_faults=info.pgfault,
+            swap_in_bytes=(info.pswpin + pressure.pswpin) * PAGE_SIZE,
+            swap_out_bytes=(info.pswpout + pressure.pswpout) * PAGE_SIZE,
+            major_faults=info.pgmajfault + pressure.pgmajfault,
+            minor_faults=info.pgfault + pressure.pgmajfault,
             free_bytes=info.free_pages * PAGE_SIZE,
             total_bytes=total * PAGE_SIZE,
             available_bytes=info.available_pages * PAGE_SIZE,
             disk_caches_bytes=info.file_pages * PAGE_SIZE,
             hugetlb_allocations=0,
             hugetlb_failures=0,
+            # Linux 6.12's counters, where the guest's kernel sends them.
+            oom_kills=pressure.oom_kill if self._new_stats else None,
+            alloc_stalls=pressure.allocstall if self._new_stats else None,
         )
 
     def page_states(self) -> PageStates:

@@ -265,3 +265,20 @@ async def test_estimate_and_ranges_say_why_without_a_host_view(
     text = (await client.get("/metrics")).text
     assert 'qemu_reclaimable_bytes{component="ballooned",vm="vm1"} 0.0' in text
     assert 'component="reported"' not in text  # unknown is absent, never a made-up 0
+
+
+async def test_advice_says_why_there_is_none_and_404s_an_unknown_vm(
+    client: httpx.AsyncClient, daemon: Reclaimd, fake_qmp: Any
+) -> None:
+    await attach(daemon, await fake_qmp(behaviour=Behaviour(lacks=frozenset({"x-query-ramblock"}))))
+    await eventually(lambda: daemon.fleet.get("vm1").advice is not None)  # type: ignore[union-attr]
+    advice = (await client.get("/api/v1/vms/vm1/advice")).json()
+    assert advice["vm"] == "vm1"
+    assert advice["target_bytes"] is None and advice["action"] == "none"
+    assert advice["expected_gain_bytes"] == 0
+    assert advice["reasons"] and "x-query-ramblock" in advice["reasons"][0]
+    assert advice["pressure"]["signals"] == []
+    assert "qemu_balloon_recommended_bytes{" not in (await client.get("/metrics")).text
+    missing = await client.get("/api/v1/vms/nope/advice")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/problem+json")

@@ -12,6 +12,7 @@ from pathlib import Path
 from api.metrics import fleet_exposition
 from daemon.fleet import Fleet, SessionState
 from daemon.guest_stats import GuestStats
+from daemon.ledger.advice import Advice, Pressure
 from daemon.ledger.estimate import Component, Estimate, OrderRow
 from daemon.ledger.ranges import LedgerSummary
 from daemon.ledger.status import HostStatus
@@ -96,6 +97,16 @@ def known_fleet() -> Fleet:
             OrderRow(o, ((64 << o) + (700 * 256 - 64 * 2047 if o == 0 else 0)) * 4096, 0)
             for o in range(11)
         ),
+    )
+    web.advice = Advice(
+        at=NOW,
+        target_bytes=1848 * MiB,
+        expected_gain_bytes=200 * MiB,
+        current_bytes=2048 * MiB,
+        floor_bytes=1200 * MiB,
+        action="inflate",
+        reasons=("stranded 200 MiB: only a balloon returns it",),
+        pressure=Pressure(),
     )
     down = fleet.add("db1", "unix:/run/qemu/db1.qmp", "poll")
     down.set_session_state(SessionState.DISCONNECTED, "connection closed by peer")

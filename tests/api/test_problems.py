@@ -33,6 +33,7 @@ OPERATION_IDS = {
     ("get", "/api/v1/vms/{name}/events"): "listVMEvents",
     ("get", "/api/v1/vms/{name}/reported-ranges"): "listReportedRanges",
     ("get", "/api/v1/vms/{name}/estimate"): "getEstimate",
+    ("get", "/api/v1/vms/{name}/advice"): "getAdvice",
     ("post", "/api/v1/vms/{name}/balloon"): "setBalloon",
 }
 

@@ -1,0 +1,104 @@
+"""The reclaim controller in the daemon, on a simulated guest over QMP with its agent: advice
+from the real poll cycle, steps in ``act`` mode, each journalled with its reason and inputs;
+nothing moves in ``advise`` mode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Address, Settings
+from daemon.instruments import RECLAIM_ACTIONS
+from daemon.service import Reclaimd
+from daemon.simguest.guest import SimGuest, SimGuestSpec
+from daemon.simguest.process import default_guest_os
+from tests.qmp.test_session import eventually
+
+MiB = 1 << 20
+RAM = 256 * MiB
+
+
+@pytest.fixture
+async def guest(sockdir: Path) -> AsyncIterator[SimGuest]:
+    # The page cache grows all the time: memory a balloon can take and reporting cannot.
+    spec = SimGuestSpec(
+        name="rc", ram_bytes=RAM, socket=sockdir / "rc.qmp", workload="pagecache", time_scale=4
+    )
+    g = SimGuest(spec, default_guest_os())
+    await g.start()
+    try:
+        yield g
+    finally:
+        await g.close()
+
+
+def reclaim_settings(settings: Settings, mode: str) -> Settings:
+    return settings.model_copy(
+        update={
+            "reclaim": mode,
+            "reclaim_host_target": 0.0,  # the host goal is always met: the guest decides
+            "reclaim_cooldown": 1.0,
+            "reclaim_step_bytes": 32 * MiB,
+            "poll_interval": 0.5,
+            "stats_interval": 1,
+        }
+    )
+
+
+def controller_steps(daemon: Reclaimd) -> list[dict[str, object]]:
+    assert daemon.journal is not None
+    entries = daemon.journal.entries("rc", since=None, before_id=None, limit=1000)
+    return [
+        e.data
+        for e in entries
+        if e.kind == "request" and (e.data or {}).get("requester") == "reclaim-controller"
+    ]
+
+
+async def test_act_inflates_in_bounded_steps_to_the_advice_and_journals_each(
+    settings: Settings, guest: SimGuest
+) -> None:
+    daemon = Reclaimd(reclaim_settings(settings, "act"))
+    await daemon.start()
+    try:
+        assert guest.spec.socket is not None
+        vm = daemon.add_vm("rc", Address("unix", path=str(guest.spec.socket)))
+        before = RECLAIM_ACTIONS.labels("inflate", "advice")._value.get()
+        await eventually(lambda: len(controller_steps(daemon)) >= 2, 60)
+        steps = controller_steps(daemon)
+        for step in steps:
+            assert step["action"] == "inflate" and step["reason"] == "advice"
+            actual, target = step["actual_bytes"], step["target_bytes"]
+            assert isinstance(actual, int) and isinstance(target, int)
+            assert 0 < actual - target <= 32 * MiB  # bounded
+            assert step["expected_gain_bytes"] is not None
+            assert step["pressure"] == []
+        assert vm.advice is not None and vm.advice.floor_bytes is not None
+        assert vm.balloon.target_bytes is not None
+        assert vm.balloon.target_bytes >= vm.advice.floor_bytes
+        assert RECLAIM_ACTIONS.labels("inflate", "advice")._value.get() >= before + 2
+        await eventually(lambda: (vm.balloon.actual_bytes or RAM) < RAM, 10)
+    finally:
+        await daemon.stop()
+
+
+async def test_advise_only_logs_what_it_would_do(
+    settings: Settings, guest: SimGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = Reclaimd(reclaim_settings(settings, "advise"))
+    await daemon.start()
+    caplog.set_level(logging.INFO, logger="daemon.service")
+    try:
+        assert guest.spec.socket is not None
+        vm = daemon.add_vm("rc", Address("unix", path=str(guest.spec.socket)))
+        await eventually(
+            lambda: "reclaim (advise, not acting): would inflate rc" in caplog.text, 60
+        )
+        assert controller_steps(daemon) == []
+        assert vm.balloon.target_bytes is None
+        assert guest.machine.balloon.target_bytes == RAM
+    finally:
+        await daemon.stop()
