@@ -94,6 +94,9 @@ class VMSummary(BaseModel):
     guest_free_bytes: int | None
     guest_available_bytes: int | None
     stats_age_seconds: float | None
+    host_resident_bytes: int | None = Field(
+        description="guest RAM the host backs now (what the VM really costs the host)"
+    )
 
     @classmethod
     def from_state(cls, vm: VMState, now: float | None = None) -> VMSummary:
@@ -112,6 +115,9 @@ class VMSummary(BaseModel):
             guest_free_bytes=stats.free_bytes if stats else None,
             guest_available_bytes=stats.available_bytes if stats else None,
             stats_age_seconds=stats.age(now) if stats else None,
+            host_resident_bytes=(
+                vm.host.ledger.resident_bytes if vm.host and vm.host.ledger else None
+            ),
         )
 
 
