@@ -22,6 +22,14 @@ class Health(BaseModel):
     vms_up: int = Field(description="VMs whose QMP session is up")
 
 
+class Readiness(BaseModel):
+    status: Literal["ready"] = Field(
+        description="ready: configuration loaded, every VM's first attach attempt made"
+    )
+    vms: int = Field(description="VMs known")
+    vms_up: int = Field(description="VMs whose QMP session is up")
+
+
 class Balloon(BaseModel):
     present: bool
     qom_path: str | None

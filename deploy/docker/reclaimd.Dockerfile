@@ -34,6 +34,6 @@ USER 10001:10001
 EXPOSE 9947
 VOLUME ["/var/lib/reclaimd"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9947/healthz', timeout=4)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9947/readyz', timeout=4)"]
 ENTRYPOINT ["reclaimd"]
 CMD ["serve"]

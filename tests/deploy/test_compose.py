@@ -189,9 +189,10 @@ def test_reclaimd_image_agrees_with_the_compose_file() -> None:
     port = listen.rpartition(":")[2]
     assert directive(text, "EXPOSE") == [port]
     assert f"RECLAIMD_LISTEN={listen}" in " ".join(directive(text, "ENV"))
-    assert f"http://127.0.0.1:{port}/healthz" in " ".join(directive(text, "HEALTHCHECK"))
+    # Healthy once ready: the first attach attempts made, so dependants see real VMs.
+    assert f"http://127.0.0.1:{port}/readyz" in " ".join(directive(text, "HEALTHCHECK"))
     assert any(
-        f"http://127.0.0.1:{port}/healthz" in part
+        f"http://127.0.0.1:{port}/readyz" in part
         for part in service("reclaimd")["healthcheck"]["test"]
     )
     assert directive(text, "ENTRYPOINT") == ['["reclaimd"]']
