@@ -18,7 +18,7 @@ from api.deps import BEARER_SCHEME
 from api.limits import BodyLimit
 from api.metrics import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, scrape
 from api.readauth import ReadAuth, is_open
-from api.routes import balloon, health, host, vms
+from api.routes import balloon, health, host, status, vms
 from api.schemas import BalloonRequest
 from api.version import VERSION
 from api.webconfig import WebConfig
@@ -86,6 +86,7 @@ def create_app(
     app.include_router(vms.router)
     app.include_router(balloon.router)
     app.include_router(host.router)
+    app.include_router(status.router)
     problems.install(app)
     # Middleware added last runs first: the body limit sees every request before anything else.
     if users:

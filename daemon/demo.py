@@ -164,6 +164,7 @@ def _banner(settings: Settings, token: str, workdir: Path) -> None:
     print(
         f"""
 reclaimd demo
+  status     {base}/
   API        {base}/api/v1/vms
   docs       {base}/docs
   metrics    {base}/metrics

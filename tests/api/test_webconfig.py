@@ -126,7 +126,8 @@ def test_serve_refuses_to_start_with_a_bad_web_config(tmp_path: Path) -> None:
     path = write(tmp_path, {"basic_auth_users": {"alice": "not-a-hash"}})
     serve = [sys.executable, "-m", "daemon.cli", "serve", "--listen", "127.0.0.1:0"]
     done = subprocess.run(
-        [*serve, "--journal", str(tmp_path / "j.sqlite3"), "--web-config", str(path)],
+        [*serve, "--journal", str(tmp_path / "j.sqlite3"), "--web-config", str(path)]
+        + ["--vm", f"a=unix:{tmp_path}/a.qmp"],
         capture_output=True,
         text=True,
         timeout=60,
