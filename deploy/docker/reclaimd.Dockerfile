@@ -13,11 +13,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md deploy/docker/constraints.txt ./
 COPY daemon ./daemon
 COPY api ./api
+# The dependencies at the exact versions of constraints.txt: the same image from the same tree.
 RUN python -m venv /opt/reclaimd \
- && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check .
+ && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check \
+      -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 reclaimd \
