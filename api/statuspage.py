@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import time
 from html import escape
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from api.version import VERSION
 from daemon.fleet import VMState
-from daemon.ledger.estimate import Estimate
+
+if TYPE_CHECKING:  # the fleet's VMState carries it; the API only reads it
+    from daemon.ledger.estimate import Estimate
 
 MiB = 1 << 20
 # The stacked bar's parts of a VM's RAM, in order: what the host got back, what it could, the
