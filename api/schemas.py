@@ -280,7 +280,10 @@ class VMDetail(VMSummary):
 
 
 class VMList(BaseModel):
-    vms: list[VMSummary]
+    vms: list[VMSummary] = Field(description="by name")
+    next_after: str | None = Field(
+        default=None, description="pass as after for the next page; null at the end"
+    )
 
 
 class Event(BaseModel):
@@ -321,6 +324,7 @@ class BalloonAccepted(BaseModel):
 
 
 class ReportedRangeOut(BaseModel):
+    id: int = Field(description="the range's number: 1 for the first seen since attach")
     at: float = Field(description="end of the scan that first saw the block absent")
     block: str = Field(description="QEMU RAM block")
     offset: int = Field(description="bytes from the start of the RAM block")
@@ -335,3 +339,6 @@ class RangePage(BaseModel):
     ranges: list[ReportedRangeOut] = Field(description="newest first")
     total: int = Field(description="ranges seen since reclaimd attached")
     problem: str | None
+    next_before_id: int | None = Field(
+        default=None, description="pass as before_id for the next (older) page; null at the end"
+    )

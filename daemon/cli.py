@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,9 +72,15 @@ def _fmt_bytes(value: Any) -> str:
 
 def _vms(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/") + "/api/v1/vms"
+    body: dict[str, Any] = {"vms": []}
+    after: str | None = ""
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as reply:
-            body = json.load(reply)
+        while after is not None:  # every page: the list is paged by name
+            query = "?" + urllib.parse.urlencode({"after": after}) if after else ""
+            with urllib.request.urlopen(url + query, timeout=args.timeout) as reply:
+                page = json.load(reply)
+            body["vms"] += page.get("vms", [])
+            after = page.get("next_after")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"reclaimd vms: cannot read {url}: {exc}", file=sys.stderr)
         return 1
