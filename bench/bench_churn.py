@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_fleet import extract_revision, free_port, machine, merge, pct
+from bench_fleet import extract_revision, free_port, pct, write_results
 
 from daemon.journal import Journal
 from daemon.simguest.guest import SimGuestSpec
@@ -288,24 +288,11 @@ def main() -> int:
             print(markdown(results[-1]), flush=True)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
-    info = machine()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     section = (
         f"## {args.vms} VMs, {args.cycles} restarts, {args.concurrency} at a time\n\n"
         + "\n\n".join(markdown(r) for r in results)
     )
-    header = [
-        "# Restart-to-up under churn",
-        "",
-        f"Command: `python bench/bench_churn.py {' '.join(sys.argv[1:])}` "
-        f"(run {time.strftime('%Y-%m-%d')})",
-        "",
-        *(f"- {k}: {v}" for k, v in info.items()),
-        f"- Load average at the end (other work on the machine): {load}",
-        "",
-    ]
-    text = "\n".join(header) + "\n" + "\n\n".join(merge(args.results, [section])) + "\n"
-    args.results.write_text(text)
+    text = write_results(args.results, "Restart-to-up under churn", "bench_churn.py", section)
     print(text)
     return 0
 

@@ -108,16 +108,17 @@ def sample(
 def run(args: argparse.Namespace, workdir: Path, tree: Path | None) -> dict[str, ErrorSeries]:
     vms = workdir / "vms"
     vms.mkdir(exist_ok=True)
-    guests = start_guests(vms, args.ram, workdir)
+    # The daemon first, finding the guests as they appear: memory reported before it attached
+    # looks, from the host, like memory never touched.
+    d = Daemon(workdir, str(vms / "*.qmp"), workdir / f"reclaimd-{time.time_ns()}.log", tree)
+    guests: dict[str, GuestProcess] = {}
     try:
-        d = Daemon(workdir, str(vms / "*.qmp"), workdir / f"reclaimd-{time.time_ns()}.log", tree)
-        try:
-            d.wait_up(len(guests), 60)
-            time.sleep(10)  # first stats, first scans, first agent reads
-            return sample(d, guests, args.seconds, args.window)
-        finally:
-            d.stop()
+        guests = start_guests(vms, args.ram, workdir)
+        d.wait_up(len(guests), 60)
+        time.sleep(10)  # first stats, first scans, first agent reads
+        return sample(d, guests, args.seconds, args.window)
     finally:
+        d.stop()
         for guest in guests.values():
             guest.stop()
         shutil.rmtree(vms, ignore_errors=True)

@@ -424,6 +424,25 @@ def merge(path: Path, sections: list[str]) -> list[str]:
     return sections + kept
 
 
+def write_results(path: Path, title: str, script: str, section: str) -> str:
+    """Write ``path``: a header (the command, the machine, the load), this run's section and
+    the sections of earlier runs it did not redo; returns the text."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    header = [
+        f"# {title}",
+        "",
+        f"Command: `python bench/{script} {' '.join(sys.argv[1:])}` "
+        f"(run {time.strftime('%Y-%m-%d')})",
+        "",
+        *(f"- {k}: {v}" for k, v in machine().items()),
+        f"- Load average at the end (other work on the machine): {load}",
+        "",
+    ]
+    text = "\n".join(header) + "\n" + "\n\n".join(merge(path, [section])) + "\n"
+    path.write_text(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", nargs="?", choices=("fleet",), default="fleet")

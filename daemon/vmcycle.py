@@ -75,6 +75,7 @@ class Monitor(Protocol):
 
 AGENT_WAIT = 0.25  # seconds a cycle waits for the agent read it started; later, the next uses it
 AGENT_MOVED = 0.01  # of RAM: a change of free memory that is worth a new agent read
+AGENT_DRIFT_EVERY = 2.0  # seconds between agent reads while the split drifts (a stats push)
 STATS_MOVED = 0.01  # of RAM: a change of free memory that makes a scan due at once
 
 
@@ -239,7 +240,12 @@ class VMCycle:
         stats = self.vm.guest_stats
         free = stats.free_bytes if stats is not None and stats.free_bytes else 0
         moved = abs(free - free_then) >= AGENT_MOVED * ram
-        return moved or time.monotonic() - asked >= self.agent_refresh
+        since = time.monotonic() - asked
+        # The guest's free lists moved under a steady free total (a busy allocator): the model
+        # drifted by the last read's residual, so read again each poll while it does.
+        residual = self.free.residual_pages if self.free is not None else None
+        drifting = residual is not None and residual * PAGE_SIZE >= AGENT_MOVED * ram
+        return moved or since >= self.agent_refresh or (drifting and since >= AGENT_DRIFT_EVERY)
 
     async def _scan_if_due(self) -> GuestRamScan | None:
         """Scan when the cadence says so, or when the guest's free memory moved since the

@@ -18,6 +18,7 @@ from daemon.fleet import Fleet, VMState
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
 from daemon.host.unavailable import Unavailable
 from daemon.host.view import GuestRamScan, HostView
+from daemon.ledger.reconcile import FreeState
 from daemon.qmp import probe
 from daemon.qmp.connection import QMPConnection
 from daemon.qmp.errors import QMPSessionError
@@ -249,3 +250,29 @@ async def test_the_daemon_uses_the_configured_pid_of_a_vm_attached_over_tcp(
     finally:
         await daemon.stop()
         await server.stop()
+
+
+def test_the_agent_is_read_each_stats_push_while_the_split_drifts() -> None:
+    """A busy allocator moves the guest's free lists under a steady free total: when the last
+    read found the model off by a percent of RAM, the next read is due after a push, not after
+    ``agent_refresh``."""
+
+    vm = Fleet().add("vm1", "unix:/x", "connect")
+    vm.memory.base_bytes = 1024 * MiB
+    cycle = VMCycle(vm, budget=lambda: 1.0, agent_refresh=60.0)
+    cycle._agent_asked = (time.monotonic() - 2.5, 0)
+
+    def state(residual_mib: int) -> FreeState:
+        return FreeState(
+            at=0.0, source="agent", by_order_pages=(0,) * 11, reporting_order=9,
+            residual_pages=residual_mib * MiB // 4096, residual_at=0.0, agent_skew_seconds=0.0,
+            pending_pages=0, pending_since=None, report_due_at=None, verdict="effective",
+            evidence=None,
+        )  # fmt: skip
+
+    cycle.free = state(2)  # off by 0.2 % of RAM: the schedule stands
+    assert not cycle._agent_due(1024 * MiB)
+    cycle.free = state(20)  # off by 2 %: read again
+    assert cycle._agent_due(1024 * MiB)
+    cycle._agent_asked = (time.monotonic() - 0.5, 0)  # but not more often than a push
+    assert not cycle._agent_due(1024 * MiB)

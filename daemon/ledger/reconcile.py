@@ -52,6 +52,7 @@ PREDICT_MIN_PAGES = 8 * MiB_PAGES  # smaller frees are not worth a prediction
 EFFECTIVE_SHARE = 0.8  # of the prediction, seen discarded in time
 GRACE_SECONDS = 1.5  # after the predicted time: a scan or two, and whole-second stamps
 INEFFECTIVE_PAGES = 64 * MiB_PAGES  # predicted and never discarded: reports have no effect
+REPORT_PASS_SECONDS = 0.5  # a pass's own time, and QEMU's whole-second stamps
 LEARN_RATE = 0.5  # weight of a new observation of where freed memory merges to
 
 
@@ -142,6 +143,9 @@ class Reconciler:
     _discarded_at_fit: int = 0
     _last_agent_at: float | None = None
     _pending_since: float | None = None
+    # (stats time, pages) that frees added at or above the reporting order, for as long as
+    # upstream may not have reported them yet: a fit must not count them as stranded.
+    _recent_big: list[tuple[float, int]] = field(default_factory=list, repr=False)
 
     # -- observing ------------------------------------------------------------------------------
 
@@ -213,6 +217,10 @@ class Reconciler:
             split = release(split, freed, self._profile())
             self._freed_since_fit += freed
             self._grown_big = sum(split[self.reporting_order :]) - before
+            if self._grown_big > 0:
+                keep = moment.at - 2 * PAGE_REPORTING_DELAY  # bounded between fits too
+                self._recent_big = [r for r in self._recent_big if r[0] > keep]
+                self._recent_big.append((moment.at, self._grown_big))
         # Allocation could not be served from orders at or above alloc_order: whatever is left
         # below it must go too, so the split never claims more than the guest has free.
         split = _scaled(split, free)
@@ -385,7 +393,15 @@ class Reconciler:
         if freed >= PREDICT_MIN_PAGES:
             share = min(1.0, max(0.0, discarded / freed))
             self.reportable_share += LEARN_RATE * (share - self.reportable_share)
-        self.split = _hold_at_most(self.split, observed_big, order)
+        # Blocks freed since the host's scan less the reporting delay are not reported yet:
+        # upstream waits that long after a free before it reports. They stay large.
+        seen_at = moment.host_at if moment.host_at is not None else moment.at
+        since = seen_at - PAGE_REPORTING_DELAY - REPORT_PASS_SECONDS
+        self._recent_big = [(at, pages) for at, pages in self._recent_big if at > since]
+        pending = sum(pages for _, pages in self._recent_big)
+        self.split = _hold_at_most(
+            self.split, min(big_now, observed_big + pending, moment.free_pages), order
+        )
 
     def _state(self, moment: Moment) -> FreeState:
         assert self.split is not None and self.at is not None
