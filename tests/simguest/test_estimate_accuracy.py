@@ -112,9 +112,7 @@ def test_estimate_matches_the_truth_under_each_workload(
     base, guests = attached
     histories = {name: TruthHistory() for name in guests}
     series = {
-        name: ErrorSeries(
-            guard(NO_AGENT_TOLERANCES if name.endswith("-noagent") else TOLERANCES)
-        )
+        name: ErrorSeries(guard(NO_AGENT_TOLERANCES if name.endswith("-noagent") else TOLERANCES))
         for name in guests
     }
     with httpx.Client(base_url=base, timeout=10) as client:
