@@ -364,12 +364,12 @@ def fleet() -> dashboard.Dashboard:
                 [
                     q(
                         f"sum by (part) (instance_part:qemu_guest_free_resident_parts_bytes:sum"
-                        f"{{{HOSTS}}})",
+                        f"{{{HOSTS}}}) or "
+                        + _as_part(
+                            f"sum(instance:qemu_guest_reclaimable_cache_bytes:sum{{{HOSTS}}})",
+                            "cache",
+                        ),
                         "{{part}}",
-                    ),
-                    q(
-                        f"sum(instance:qemu_guest_reclaimable_cache_bytes:sum{{{HOSTS}}})",
-                        "cache",
                     ),
                 ],
                 description="reportable: free page reporting will return it; stranded: free"
@@ -508,13 +508,23 @@ def _table(expr: str) -> prometheus.Dataquery:
 
 
 def _estimate_queries(*, instant: bool) -> list[prometheus.Dataquery]:
-    """The estimate's families, each part once: returned, free resident by part, caches, total."""
-    return [
-        q(f"qemu_returned_bytes{{{ONE_VM}}}", "{{part}}", instant=instant),
-        q(f"qemu_guest_free_resident_parts_bytes{{{ONE_VM}}}", "{{part}}", instant=instant),
-        q(f"qemu_guest_reclaimable_cache_bytes{{{ONE_VM}}}", "cache", instant=instant),
-        q(f"qemu_reclaimable_bytes{{{ONE_VM}}}", "reclaimable", instant=instant),
-    ]
+    """The estimate's families as one series per part, legend ``part``: returned, free resident
+    by part, caches and the total. One query, so the panel has data once any part is known
+    (the split of free memory may take a while on a guest without its agent)."""
+    expr = " or ".join(
+        (
+            f"qemu_returned_bytes{{{ONE_VM}}}",
+            f"qemu_guest_free_resident_parts_bytes{{{ONE_VM}}}",
+            _as_part(f"qemu_guest_reclaimable_cache_bytes{{{ONE_VM}}}", "cache"),
+            _as_part(f"qemu_reclaimable_bytes{{{ONE_VM}}}", "reclaimable"),
+        )
+    )
+    return [q(expr, "{{part}}", instant=instant)]
+
+
+def _as_part(expr: str, part: str) -> str:
+    """``expr`` with a ``part`` label, to stand beside the families that have one."""
+    return f'label_replace({expr}, "part", "{part}", "", "")'
 
 
 def vm() -> dashboard.Dashboard:
