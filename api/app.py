@@ -11,15 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi import FastAPI, Request, Response
 
 from api import problems
 from api.deps import BEARER_SCHEME
 from api.limits import BodyLimit
-from api.metrics import exposition
+from api.metrics import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, scrape
 from api.readauth import ReadAuth, is_open
-from api.routes import advice, balloon, health, host, vms
+from api.routes import advice, balloon, health, host, status, vms
 from api.schemas import BalloonRequest
 from api.version import VERSION
 from api.webconfig import WebConfig
@@ -28,8 +27,12 @@ from daemon.service import Reclaimd
 
 _METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "Prometheus text exposition",
-        "content": {"text/plain": {"schema": {"type": "string"}}},
+        "description": "Prometheus text exposition (0.0.4), or OpenMetrics 1.0 when the Accept "
+        "header asks for it; gzip-encoded when Accept-Encoding allows",
+        "content": {
+            TEXT_CONTENT_TYPE: {"schema": {"type": "string"}},
+            OPENMETRICS_CONTENT_TYPE: {"schema": {"type": "string"}},
+        },
     }
 }
 
@@ -65,16 +68,26 @@ def create_app(
         response_class=Response,
         responses=_METRICS_RESPONSE,
     )
-    async def metrics() -> Response:
-        """Prometheus metrics: VM data under ``qemu_``, the daemon's own under ``reclaimd_``."""
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: VM data under ``qemu_``, the daemon's own under ``reclaimd_``,
+        the process's under ``process_`` and ``python_``."""
         # Runs on the event loop: it only reads in-memory state (cost: bench/bench_scrape.py).
-        return Response(exposition(daemon.fleet), media_type=CONTENT_TYPE_LATEST)
+        reply = scrape(
+            daemon.fleet,
+            request.headers.get("accept", ""),
+            request.headers.get("accept-encoding", ""),
+        )
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        if reply.gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return Response(reply.body, media_type=reply.content_type, headers=headers)
 
     app.include_router(health.router)
     app.include_router(vms.router)
     app.include_router(balloon.router)
     app.include_router(advice.router)
     app.include_router(host.router)
+    app.include_router(status.router)
     problems.install(app)
     # Middleware added last runs first: the body limit sees every request before anything else.
     if users:

@@ -1,4 +1,5 @@
-"""A small writer of the Prometheus text format (0.0.4), byte-identical to prometheus_client's.
+"""A small writer of the Prometheus text format (0.0.4) and of OpenMetrics 1.0, byte-identical to
+prometheus_client's.
 
 ``/metrics`` writes a few hundred samples per VM. Building prometheus_client metric families for
 them (a ``Sample`` namedtuple and a label dict per sample, labels sorted again per sample at
@@ -7,6 +8,9 @@ are written here. The output must stay exactly what ``prometheus_client.generate
 for the same families (dashboards, alerts and the golden file depend on it): same escaping of
 label values and HELP text, labels sorted by name, ``_total`` appended to counter names, values
 formatted like its ``floatToGoString``. ``tests/api/test_exposition_*.py`` compare the two.
+OpenMetrics differs only in the family lines: a counter's HELP and TYPE name the family without
+``_total`` (its samples keep it), and a double quote in HELP text is escaped too; the caller
+ends the body with ``# EOF``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def escape_help(text: str) -> str:
-    """Escape backslash and newline; a double quote stays as it is in HELP text."""
-    return text.replace("\\", r"\\").replace("\n", r"\n")
+def escape_help(text: str, openmetrics: bool = False) -> str:
+    """Escape backslash and newline; a double quote too in OpenMetrics (text 0.0.4 keeps it)."""
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if openmetrics else text
 
 
 def format_value(value: float) -> str:
@@ -103,7 +108,7 @@ class Family:
     them per sample: that would cost as much as writing the line).
     """
 
-    __slots__ = ("_lines", "help", "kind", "name")
+    __slots__ = ("_lines", "family", "help", "kind", "name")
 
     def __init__(self, name: str, help: str, kind: Kind = "gauge") -> None:
         if not _METRIC_NAME.fullmatch(name):
@@ -111,7 +116,8 @@ class Family:
         # prometheus_client's counter families take the name without _total and add it.
         if kind == "counter" and name.endswith("_total"):
             raise ValueError(f"counter {name!r}: give the name without _total")
-        self.name = f"{name}_total" if kind == "counter" else name
+        self.family = name  # OpenMetrics' family name: a counter's without _total
+        self.name = f"{name}_total" if kind == "counter" else name  # its samples' name
         self.help = help
         self.kind = kind
         self._lines: list[str] = []
@@ -120,14 +126,15 @@ class Family:
         """One sample; ``labels`` comes from :func:`render_labels`."""
         self._lines.append(f"{self.name}{labels} {format_value(value)}\n")
 
-    def header(self) -> str:
-        return f"# HELP {self.name} {escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n"
+    def header(self, openmetrics: bool = False) -> str:
+        name = self.family if openmetrics else self.name
+        return f"# HELP {name} {escape_help(self.help, openmetrics)}\n# TYPE {name} {self.kind}\n"
 
 
-def render(families: Iterable[Family]) -> str:
-    """The families' text, in the order given."""
+def render(families: Iterable[Family], openmetrics: bool = False) -> str:
+    """The families' text, in the order given (OpenMetrics without its closing ``# EOF``)."""
     chunks: list[str] = []
     for family in families:  # one join for the whole text: it is about 1 MiB for 500 VMs
-        chunks.append(family.header())
+        chunks.append(family.header(openmetrics))
         chunks += family._lines
     return "".join(chunks)

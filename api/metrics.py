@@ -11,10 +11,15 @@ units, ``_total`` only on counters (the writer appends it to counter families).
 
 from __future__ import annotations
 
+import gzip
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
 
-from prometheus_client import generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_LATEST
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from api.exposition import Family, render, render_labels
 from api.version import VERSION
@@ -22,17 +27,17 @@ from daemon.fleet import Fleet, VMState
 from daemon.guest_stats import STATS
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.model import MAX_PAGE_ORDER
+from daemon.untrusted import ZERO_UUID
 
+TEXT_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST  # text 0.0.4
+OPENMETRICS_CONTENT_TYPE: Final = OPENMETRICS_LATEST  # OpenMetrics 1.0.0
 _ORDERS = tuple(str(order) for order in range(MAX_PAGE_ORDER + 1))
-RECLAIM_COMPONENTS = (
-    "ballooned",
-    "reported",
-    "free_resident",
-    "reportable",
-    "stranded",
-    "cache",
-    "reclaimable",
-)
+# The estimate's components by family, so that every family's sum over its label means
+# something: what the host got back (two disjoint parts), free memory it still backs and its
+# disjoint split, caches, and the total. free_resident = reportable + stranded, and the total
+# counts free_resident again: one family of all of them could not be summed.
+RETURNED_PARTS = ("ballooned", "reported")
+FREE_RESIDENT_PARTS = ("reportable", "stranded")
 
 
 def fleet_exposition(vms: Iterable[VMState], now: float) -> str:
@@ -63,7 +68,11 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
         (Family(s.metric, s.help, s.kind), s.field)
         for s in sorted(STATS, key=lambda s: s.kind != "gauge")
     ]
-    age = Family("qemu_guest_stats_age_seconds", "Seconds since the guest last updated stats")
+    # A timestamp, not an age (Prometheus' guidance): time() - it is the age at query time.
+    updated = Family(
+        "qemu_guest_stats_last_update_timestamp_seconds",
+        "When QEMU last received guest stats (Unix time; virsh dommemstat's last_update)",
+    )
     valid = Family("qemu_guest_stats_valid", "1 when guest stats passed checks, 0 when rejected")
     events = Family("qemu_events", "QMP events received from the VM, by event", "counter")
     host = _HostFamilies()
@@ -75,7 +84,8 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
             render_labels(
                 {
                     "vm": vm.name,
-                    "uuid": vm.uuid or "",
+                    # QEMU's default UUID identifies nothing: exported as none.
+                    "uuid": "" if vm.uuid in (None, ZERO_UUID) else vm.uuid,
                     "qemu_version": vm.qemu_version or "",
                     "attach": vm.attach,
                     **vm.labels,
@@ -101,9 +111,8 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
         stats = vm.guest_stats
         if stats is not None and stats.available:
             valid.add(labels, stats.valid)
-            stats_age = stats.age(now)
-            if stats_age is not None:
-                age.add(labels, stats_age)
+            if stats.last_update is not None:
+                updated.add(labels, stats.last_update)
             if stats.valid:
                 for family, field in stat_families:
                     value = getattr(stats, field)
@@ -123,7 +132,7 @@ def fleet_families(vms: Iterable[VMState], now: float) -> list[Family]:
         fpr,
         doom,
         *(family for family, _ in stat_families),
-        age,
+        updated,
         valid,
         events,
         *host.families(),
@@ -135,9 +144,14 @@ class _HostFamilies:
     """Families from the host view, ledger and estimate (``VMState.host``, ``.estimate``)."""
 
     def __init__(self) -> None:
-        self.resident = Family("qemu_host_resident_bytes", "Guest RAM the host still backs")
+        self.resident = Family(
+            "qemu_host_resident_bytes",
+            "Guest RAM the host still backs (only guest RAM; virsh dommemstat's rss is the "
+            "whole QEMU process)",
+        )
         self.reported = Family(
-            "qemu_reported_bytes", "Guest RAM discarded by free page reporting, not refaulted"
+            "qemu_reported_absent_bytes",
+            "Guest RAM discarded by free page reporting and not touched since: absent now",
         )
         self.reported_total = Family(
             "qemu_reported_bytes", "Bytes discarded by free page reporting", "counter"
@@ -146,7 +160,28 @@ class _HostFamilies:
             "qemu_refaulted_bytes", "Bytes of discarded guest RAM touched again", "counter"
         )
         self.reclaimable = Family(
-            "qemu_reclaimable_bytes", "The reclaim estimate by component (see the README for each)"
+            "qemu_reclaimable_bytes",
+            "What the host could still get back: free resident memory and caches, less a "
+            "safety margin (the estimate's total)",
+        )
+        self.returned = Family(
+            "qemu_returned_bytes",
+            "Guest RAM the host has back, by part (ballooned: held by the balloon; reported: "
+            "discarded by free page reporting); the parts are disjoint",
+        )
+        self.free_resident = Family(
+            "qemu_guest_free_resident_bytes",
+            "Guest free memory (MemFree) the host still backs",
+        )
+        self.free_resident_parts = Family(
+            "qemu_guest_free_resident_parts_bytes",
+            "Free resident memory by part (reportable: in blocks reporting will return; "
+            "stranded: below the reporting order, only a balloon gets it); sums to "
+            "qemu_guest_free_resident_bytes",
+        )
+        self.cache = Family(
+            "qemu_guest_reclaimable_cache_bytes",
+            "Caches a balloon would squeeze out of the guest (MemAvailable - MemFree)",
         )
         self.effective = Family(
             "qemu_free_page_reporting_effective",
@@ -185,18 +220,28 @@ class _HostFamilies:
                 self.refaulted_total.add(labels, host.ledger.refaulted_bytes_total)
             if host.reporting_effective is not None:
                 self.effective.add(labels, host.reporting_effective)
-        if vm.estimate is not None:
-            for row in vm.estimate.by_order:
-                self.free_by_order.add(
-                    render_labels({"vm": vm.name, "order": _ORDERS[row.order]}), row.free_bytes
-                )
-            components = vm.estimate.components
-            for component in RECLAIM_COMPONENTS:
-                entry = components.get(component)
-                if entry is not None and entry.bytes is not None:
-                    self.reclaimable.add(
-                        render_labels({"vm": vm.name, "component": component}), entry.bytes
-                    )
+        estimate = vm.estimate
+        if estimate is None:
+            return
+        for row in estimate.by_order:
+            self.free_by_order.add(
+                render_labels({"vm": vm.name, "order": _ORDERS[row.order]}), row.free_bytes
+            )
+        known = {k: c.bytes for k, c in estimate.components.items() if c.bytes is not None}
+        for family, component in (
+            (self.reclaimable, "reclaimable"),
+            (self.free_resident, "free_resident"),
+            (self.cache, "cache"),
+        ):
+            if component in known:
+                family.add(labels, known[component])
+        for family, parts in (
+            (self.returned, RETURNED_PARTS),
+            (self.free_resident_parts, FREE_RESIDENT_PARTS),
+        ):
+            for part in parts:
+                if part in known:
+                    family.add(render_labels({"vm": vm.name, "part": part}), known[part])
 
     def families(self) -> tuple[Family, ...]:
         return (
@@ -205,6 +250,10 @@ class _HostFamilies:
             self.reported_total,
             self.refaulted_total,
             self.reclaimable,
+            self.returned,
+            self.free_resident,
+            self.free_resident_parts,
+            self.cache,
             self.effective,
             self.agent_up,
             self.free_by_order,
@@ -219,11 +268,51 @@ def _build_info() -> Family:
     return build
 
 
-def exposition(fleet: Fleet, now: float | None = None) -> bytes:
+def exposition(fleet: Fleet, now: float | None = None, openmetrics: bool = False) -> bytes:
     """The whole ``/metrics`` body: the fleet's families, build info, the daemon's instruments.
 
     The daemon's counters and histograms are few and independent of the fleet's size, so they
-    stay on prometheus_client.
+    stay on prometheus_client. In OpenMetrics its writer closes the body with ``# EOF``.
     """
-    families = fleet_families(fleet, time.time() if now is None else now)
-    return render((*families, _build_info())).encode() + generate_latest(DAEMON_REGISTRY)
+    families = (*fleet_families(fleet, time.time() if now is None else now), _build_info())
+    daemon = (openmetrics_latest if openmetrics else generate_latest)(DAEMON_REGISTRY)
+    return render(families, openmetrics).encode() + daemon
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """A ``/metrics`` reply: the body as the client asked for it, and its headers."""
+
+    body: bytes
+    content_type: str
+    gzipped: bool
+
+
+def scrape(fleet: Fleet, accept: str, accept_encoding: str) -> Scrape:
+    """Content negotiation as Prometheus does it: OpenMetrics 1.0 when the ``Accept`` header
+    names it, else text 0.0.4; gzip when ``Accept-Encoding`` accepts it (a 500-VM body is
+    1.3 MiB of text, 84 KiB gzipped at level 1, for 2 ms more)."""
+    openmetrics = _accepts(accept, "application/openmetrics-text")
+    body = exposition(fleet, openmetrics=openmetrics)
+    gzipped = _accepts(accept_encoding, "gzip")
+    if gzipped:
+        body = gzip.compress(body, compresslevel=1)  # the fastest level: it runs on the loop
+    content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE
+    return Scrape(body, content_type, gzipped)
+
+
+def _accepts(header: str, wanted: str) -> bool:
+    """Whether a comma-separated header lists ``wanted`` with a q-value above 0."""
+    for item in header.split(","):
+        value, *params = (part.strip() for part in item.split(";"))
+        if value.lower() != wanted:
+            continue
+        for param in params:
+            key, _, q = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    return float(q) > 0
+                except ValueError:
+                    return False
+        return True
+    return False

@@ -28,8 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.problems import problem
 
-# Paths that never need credentials: the health probe.
-OPEN_PATHS = frozenset({"/healthz"})
+# Paths that never need credentials: the liveness and readiness probes.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Outcomes remembered; a few users and their clients need a handful, guessing needs none.
 CACHE_ENTRIES = 256
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="reclaimd", charset="UTF-8"'}

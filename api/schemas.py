@@ -22,6 +22,14 @@ class Health(BaseModel):
     vms_up: int = Field(description="VMs whose QMP session is up")
 
 
+class Readiness(BaseModel):
+    status: Literal["ready"] = Field(
+        description="ready: configuration loaded, every VM's first attach attempt made"
+    )
+    vms: int = Field(description="VMs known")
+    vms_up: int = Field(description="VMs whose QMP session is up")
+
+
 class Balloon(BaseModel):
     present: bool
     qom_path: str | None
@@ -94,6 +102,9 @@ class VMSummary(BaseModel):
     guest_free_bytes: int | None
     guest_available_bytes: int | None
     stats_age_seconds: float | None
+    host_resident_bytes: int | None = Field(
+        description="guest RAM the host backs now (what the VM really costs the host)"
+    )
 
     @classmethod
     def from_state(cls, vm: VMState, now: float | None = None) -> VMSummary:
@@ -112,6 +123,9 @@ class VMSummary(BaseModel):
             guest_free_bytes=stats.free_bytes if stats else None,
             guest_available_bytes=stats.available_bytes if stats else None,
             stats_age_seconds=stats.age(now) if stats else None,
+            host_resident_bytes=(
+                vm.host.ledger.resident_bytes if vm.host and vm.host.ledger else None
+            ),
         )
 
 
@@ -266,7 +280,10 @@ class VMDetail(VMSummary):
 
 
 class VMList(BaseModel):
-    vms: list[VMSummary]
+    vms: list[VMSummary] = Field(description="by name")
+    next_after: str | None = Field(
+        default=None, description="pass as after for the next page; null at the end"
+    )
 
 
 class Event(BaseModel):
@@ -307,6 +324,7 @@ class BalloonAccepted(BaseModel):
 
 
 class ReportedRangeOut(BaseModel):
+    id: int = Field(description="the range's number: 1 for the first seen since attach")
     at: float = Field(description="end of the scan that first saw the block absent")
     block: str = Field(description="QEMU RAM block")
     offset: int = Field(description="bytes from the start of the RAM block")
@@ -321,6 +339,9 @@ class RangePage(BaseModel):
     ranges: list[ReportedRangeOut] = Field(description="newest first")
     total: int = Field(description="ranges seen since reclaimd attached")
     problem: str | None
+    next_before_id: int | None = Field(
+        default=None, description="pass as before_id for the next (older) page; null at the end"
+    )
 
 
 class PressureOut(BaseModel):

@@ -15,6 +15,7 @@ import os
 import resource
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 
 import uvicorn
@@ -74,6 +75,7 @@ def build_server(
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         backlog=ACCEPT_BATCH,
         log_level="info",
+        log_config=None,  # uvicorn's lines go through the daemon's one handler and format
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
@@ -134,14 +136,39 @@ def _ssl_context(
     return lambda _config, _default: make()
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound (not yet listening); OSError when it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM (uvicorn's two-phase shutdown; a second signal forces exit)."""
+    """Serve until SIGINT/SIGTERM (uvicorn's two-phase shutdown; a second signal forces exit).
+
+    The port is bound first: a port in use fails here, before the daemon attaches any VM (uvicorn
+    binds only after its lifespan, the daemon's start-up, has run)."""
     raise_soft_limit()
+    try:
+        listener = bind_listener(settings.listen_host, settings.listen_port)
+    except OSError as exc:
+        # Said as the command's other start-up errors are: one line, no traceback.
+        print(
+            f"reclaimd: cannot listen on {settings.listen}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 2
     try:
         server = build_server(settings)
     except ConfigError as exc:
+        listener.close()
         log.error("%s", exc)
         return 2
-    server.run()
+    server.run(sockets=[listener])
     # uvicorn exits the process itself on a bind failure; a failed startup lands here.
     return 0 if server.started else 1

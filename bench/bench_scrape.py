@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from api.metrics import RECLAIM_COMPONENTS, exposition
+from api.metrics import FREE_RESIDENT_PARTS, RETURNED_PARTS, exposition
 from api.version import VERSION
 from daemon.fleet import Fleet, SessionState, VMState
 from daemon.guest_stats import STATS, GuestStats
@@ -42,6 +42,13 @@ GiB = 1 << 30
 PAGE = 4096
 NOW = 1_800_000_000.0
 EVENTS = ("BALLOON_CHANGE", "RESUME", "STOP", "RTC_CHANGE")
+RECLAIM_COMPONENTS = (
+    *RETURNED_PARTS,
+    "free_resident",
+    *FREE_RESIDENT_PARTS,
+    "cache",
+    "reclaimable",
+)
 
 
 # ---------------------------------------------------------------------------- the fleet

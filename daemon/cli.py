@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.config import DEFAULT_PORT, ConfigError, load_settings, parse_vm_flag
+from api.version import VERSION
+from daemon import logs
+from daemon.config import DEFAULT_PORT, ConfigError, Settings, load_settings, parse_vm_flag
 from daemon.model import cli as model_cli
 
 
@@ -36,6 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"reclaimd: {exc}", file=sys.stderr)
         return 2
+    if not watches_something(settings):
+        print(
+            "reclaimd: nothing to watch: give --vm, --socket-glob, --listen-socket, --libvirt or "
+            "--proxmox (or vm, socket_glob, listen_socket, libvirt or proxmox in the config file)",
+            file=sys.stderr,
+        )
+        return 2
     from api.server import run  # the HTTP stack loads only for serving
 
     if settings.listen_host not in ("127.0.0.1", "localhost", "::1") and not settings.web_config:
@@ -45,6 +55,18 @@ def _serve(args: argparse.Namespace) -> int:
             settings.listen,
         )
     return run(settings)
+
+
+def watches_something(settings: Settings) -> bool:
+    """Whether the settings name any VM source: configured VMs, a socket glob, a listen socket,
+    a libvirt URI or a Proxmox root."""
+    return bool(
+        settings.vm
+        or settings.socket_glob
+        or settings.listen_socket
+        or settings.libvirt
+        or settings.proxmox
+    )
 
 
 def _fmt_bytes(value: Any) -> str:
@@ -60,9 +82,15 @@ def _fmt_bytes(value: Any) -> str:
 
 def _vms(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/") + "/api/v1/vms"
+    body: dict[str, Any] = {"vms": []}
+    after: str | None = ""
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as reply:
-            body = json.load(reply)
+        while after is not None:  # every page: the list is paged by name
+            query = "?" + urllib.parse.urlencode({"after": after}) if after else ""
+            with urllib.request.urlopen(url + query, timeout=args.timeout) as reply:
+                page = json.load(reply)
+            body["vms"] += page.get("vms", [])
+            after = page.get("next_after")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"reclaimd vms: cannot read {url}: {exc}", file=sys.stderr)
         return 1
@@ -100,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "it could get back.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"reclaimd {VERSION}")
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, default="text", help="log lines as text or JSON"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="attach to VMs and serve REST and /metrics")
@@ -171,15 +203,22 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # qemu.qmp logs every failed connection at ERROR; sessions record causes themselves.
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level command; the usage that helps is the sub-command's.
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+    logs.configure(args.log_format, verbose=args.verbose)
     code: int = args.func(args)
     return code
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices.get(command, parser)
+            return found
+    return parser
 
 
 if __name__ == "__main__":

@@ -27,18 +27,24 @@ Example ``reclaimd.toml``::
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.model.cli import parse_size
+from daemon.untrusted import one_line
 
+log = logging.getLogger(__name__)
 DEFAULT_PORT = 9947
+ENV_PREFIX: Final = "RECLAIMD_"
 AttachMode = Literal["connect", "poll"]
 
 
@@ -154,7 +160,7 @@ def _default_state_dir() -> Path:
 class Settings(BaseSettings):
     """Everything the daemon reads at start; see the module docstring for the file format."""
 
-    model_config = SettingsConfigDict(env_prefix="RECLAIMD_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     listen: str = Field(
         default=f"127.0.0.1:{DEFAULT_PORT}",
@@ -299,11 +305,32 @@ class Settings(BaseSettings):
         return int(self.listen.rpartition(":")[2])
 
 
+#: RECLAIMD_* variables that are not settings but are read elsewhere (the config file's path,
+#: the vms command's URL, the test guest's cache and accelerator, the golden-file switch).
+OTHER_ENV: Final = frozenset(
+    {
+        "RECLAIMD_CONFIG",
+        "RECLAIMD_URL",
+        "RECLAIMD_CACHE",
+        "RECLAIMD_GUEST_ACCEL",
+        "RECLAIMD_UPDATE_GOLDEN",
+    }
+)
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from an optional TOML file, the environment and explicit overrides.
 
-    Raises ConfigError with the reason when the file is unreadable or a value is invalid.
+    Raises ConfigError with one line that names the file, variable or flag and says what is
+    wrong, when the file is unreadable or a value is invalid. Warns of ``RECLAIMD_*`` variables
+    that are no setting (a misspelt one would otherwise be ignored in silence).
     """
+    _warn_unknown_env()
     file_values: dict[str, Any] = {}
     path = config_file or (Path(p) if (p := os.environ.get("RECLAIMD_CONFIG")) else None)
     if path is not None:
@@ -313,14 +340,53 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: {exc}") from None
-    env_values = Settings().model_dump(exclude_unset=True) if _any_env() else {}
-    merged = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        env_values = Settings().model_dump(exclude_unset=True) if _any_env() else {}
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, lambda field: env_name(field))) from None
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**file_values, **env_values, **flags}
+
+    def source(field: str) -> str:
+        if field in flags:
+            return "--" + field.replace("_", "-")
+        if field in env_values:
+            return env_name(field)
+        return f"config {path}: {field}" if path is not None else field
+
     try:
         # Explicit values outrank the environment in pydantic-settings, so the merge above decides.
         return Settings(**merged)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def _explain(exc: ValidationError, source: Callable[[str], str]) -> str:
+    """Pydantic's errors as one line: where each value came from, and what is wrong with it."""
+    parts = []
+    for error in exc.errors():
+        field, *rest = [str(x) for x in error["loc"]] or ["?"]
+        where = source(field) + "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in rest)
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown setting")
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        shown = error.get("input")
+        # The value, where pydantic's message does not say it, and never the token's (a secret).
+        if field != "token" and error["type"] != "value_error" and isinstance(shown, str | int):
+            message += f" (got {str(shown)[:40]!r})"
+        parts.append(f"{where}: {message}")
+    return one_line("; ".join(parts), 1000)
+
+
+def _warn_unknown_env() -> None:
+    known = {env_name(field) for field in Settings.model_fields} | OTHER_ENV
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            log.warning("%s is not a reclaimd setting%s: ignored", name, hint)
 
 
 def _any_env() -> bool:
-    return any(k.startswith("RECLAIMD_") and k != "RECLAIMD_CONFIG" for k in os.environ)
+    return any(k.startswith(ENV_PREFIX) and k != "RECLAIMD_CONFIG" for k in os.environ)

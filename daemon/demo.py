@@ -13,6 +13,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -66,6 +67,9 @@ def run_demo(args: argparse.Namespace) -> int:
     vms = workdir / "vms"
     vms.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
+    # SIGTERM ends the demo as Ctrl-C does: everything stopped, its directory removed. (uvicorn
+    # takes the signal while it serves and raises it again once shut down: it lands here.)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = load_settings(
             None,
@@ -122,6 +126,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print("reclaimd demo: stopped", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _start_qemu_guests(count: int, workdir: Path, vms: Path) -> Iterator[Callable[[], None]]:
     from daemon.testguest import GuestBuildError, GuestError, QemuGuestSpec, build_image, launch
 
@@ -156,6 +164,7 @@ def _banner(settings: Settings, token: str, workdir: Path) -> None:
     print(
         f"""
 reclaimd demo
+  status     {base}/
   API        {base}/api/v1/vms
   docs       {base}/docs
   metrics    {base}/metrics
@@ -164,7 +173,7 @@ reclaimd demo
                -H 'Content-Type: application/json' -d '{{"target_bytes": 268435456}}' \\
                {base}/api/v1/vms/NAME/balloon
   files      {workdir}
-Ctrl-C stops everything.
+Ctrl-C (or SIGTERM) stops everything.
 """,
         flush=True,
     )
@@ -197,7 +206,8 @@ def _estimate(detail: dict[str, Any], name: str) -> Any:
 
 def summary_table(details: list[dict[str, Any]]) -> str:
     """One line per VM, sizes in MiB; ``-`` where reclaimd does not know the number."""
-    head = ("VM", "UP", "RAM", "BALLOON", "FREE", "AVAIL", "REPORTED", "RECLAIMABLE")
+    # HOST first among the sizes: what each VM really costs the host (resident guest RAM).
+    head = ("VM", "UP", "RAM", "HOST", "BALLOON", "FREE", "AVAIL", "REPORTED", "RECLAIMABLE")
     rows = [head]
     for d in sorted(details, key=lambda d: str(d.get("name"))):
         rows.append(
@@ -205,6 +215,7 @@ def summary_table(details: list[dict[str, Any]]) -> str:
                 str(d.get("name")),
                 "yes" if d.get("up") else "no",
                 _mib(d.get("ram_bytes")),
+                _mib(d.get("host_resident_bytes")),
                 _mib(d.get("balloon_actual_bytes")),
                 _mib(d.get("guest_free_bytes")),
                 _mib(d.get("guest_available_bytes")),

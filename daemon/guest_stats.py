@@ -121,19 +121,22 @@ class GuestStats:
     )
     free_bytes: int | None = _stat(
         "stat-free-memory", "gauge", "bytes", "qemu_guest_memory_free_bytes",
-        "Guest free memory (MemFree)", "si_meminfo() freeram",
+        "Guest free memory (MemFree; virsh dommemstat calls it unused)", "si_meminfo() freeram",
     )
     total_bytes: int | None = _stat(
         "stat-total-memory", "gauge", "bytes", "qemu_guest_memory_total_bytes",
-        "Guest total memory (MemTotal)", "si_meminfo() totalram",
+        "Guest total memory (MemTotal; virsh dommemstat calls it available)",
+        "si_meminfo() totalram",
     )
     available_bytes: int | None = _stat(
         "stat-available-memory", "gauge", "bytes", "qemu_guest_memory_available_bytes",
-        "Guest available memory", "si_mem_available(), MemAvailable in /proc/meminfo",
+        "Guest available memory (MemAvailable; virsh dommemstat calls it usable)",
+        "si_mem_available(), MemAvailable in /proc/meminfo",
     )
     disk_caches_bytes: int | None = _stat(
         "stat-disk-caches", "gauge", "bytes", "qemu_guest_disk_caches_bytes",
-        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped)",
+        "Guest page cache (NR_FILE_PAGES: includes shmem and tmpfs, which cannot be dropped; "
+        "virsh dommemstat calls it disk_caches)",
         "NR_FILE_PAGES (page cache, shmem/tmpfs and swap cache)",
     )
     hugetlb_allocations: int | None = _stat(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -20,6 +23,11 @@ from prometheus_client import (
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The process's own memory, CPU, open files (process_*) and the interpreter (python_*), as
+# every client_python exporter has them, so operators can alert on reclaimd itself. The
+# collectors are prometheus_client's own; they read /proc/self at scrape time, a few small files.
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_collector)
 
 QMP_COMMANDS = Counter(
     "reclaimd_qmp_commands",

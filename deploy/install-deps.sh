@@ -3,11 +3,13 @@
 # and libraries go into the guest's initramfs), the Prometheus e2e tests, the HTTP fault tests
 # (prlimit, from util-linux) and the libvirt source: libvirtd and virsh for its e2e tests, and
 # what building the libvirt-python binding (the test extra includes reclaimd[libvirt]) needs:
-# libvirt-dev, pkg-config, gcc and the Python headers.
+# libvirt-dev, pkg-config, gcc and the Python headers; Chromium (headless) for the status page's
+# browser test.
 # Needs root (or sudo). Idempotent: installs only what is missing.
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static qemu-guest-agent cpio prometheus python3-venv systemd
-  util-linux libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev)
+  util-linux libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
+  chromium fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from api.version import VERSION
 from tests.e2e.reclaimd_proc import ReclaimdProcess
 
 RECLAIMD = [sys.executable, "-m", "daemon.cli"]
@@ -43,3 +49,131 @@ def test_vms_says_when_no_daemon_answers() -> None:
     )
     assert done.returncode == 1
     assert "cannot read" in done.stderr
+
+
+# -- every start-up mistake: its exit code and the exact first line of stderr ------------------
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``reclaimd ARGS`` with no RECLAIMD_* from the caller's environment, 80 columns wide."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RECLAIMD_")}
+    clean["COLUMNS"] = "80"  # argparse wraps usage to the terminal's width
+    return subprocess.run(
+        [*RECLAIMD, *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"reclaimd {VERSION}\n", "")
+
+
+def test_a_bad_flag_prints_the_sub_commands_usage() -> None:
+    done = run_cli("serve", "--bogus")
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0] == "usage: reclaimd serve [-h] [--config CONFIG] [--vm NAME=ADDRESS]"
+    assert lines[-1] == "reclaimd serve: error: unrecognized arguments: --bogus"
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"RECLAIMD_POLL_INTERVAL": "abc"},
+            "reclaimd: RECLAIMD_POLL_INTERVAL: Input should be a valid number, unable to parse "
+            "string as a number (got 'abc')",
+        ),
+        (
+            {"RECLAIMD_TOKEN": "short"},
+            "reclaimd: RECLAIMD_TOKEN: token must be at least 16 characters (or unset to disable)",
+        ),
+    ],
+    ids=["not-a-number", "short-token"],
+)
+def test_a_bad_environment_value_is_one_line_naming_the_variable(
+    env: dict[str, str], line: str, tmp_path: Path
+) -> None:
+    done = run_cli("serve", "--vm", f"a=unix:{tmp_path}/a.qmp", env=env)
+    assert done.returncode == 2
+    assert done.stderr == line + "\n"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('colour = "blue"\n', "colour: unknown setting"),
+        (
+            'poll_interval = "often"\n',
+            "poll_interval: Input should be a valid number, unable to parse string as a number "
+            "(got 'often')",
+        ),
+        (
+            '[[vm]]\nname = "a"\naddress = "/run/a.qmp"\n',
+            "vm[0].address: address '/run/a.qmp': expected unix:/path or tcp:host:port",
+        ),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-vm"],
+)
+def test_a_config_error_is_one_line_naming_the_file(
+    toml: str, message: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "reclaimd.toml"
+    config.write_text(toml)
+    done = run_cli("serve", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr == f"reclaimd: config {config}: {message}\n"
+
+
+def test_a_misspelt_variable_is_warned_about_in_json_logs() -> None:
+    done = run_cli("--log-format", "json", "serve", env={"RECLAIMD_POLL_INTERVALL": "1"})
+    warning = json.loads(first_line(done.stderr))
+    assert warning["level"] == "WARNING"
+    assert warning["message"] == (
+        "RECLAIMD_POLL_INTERVALL is not a reclaimd setting (did you mean "
+        "RECLAIMD_POLL_INTERVAL?): ignored"
+    )
+    assert done.returncode == 2  # and then: nothing to watch
+
+
+def test_serve_with_nothing_to_watch_says_so() -> None:
+    done = run_cli("serve")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "reclaimd: nothing to watch: give --vm, --socket-glob, --listen-socket, --libvirt or "
+        "--proxmox (or vm, socket_glob, listen_socket, libvirt or proxmox in the config file)\n"
+    )
+
+
+def test_a_port_in_use_fails_before_start_up(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite3"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--journal",
+            str(journal),
+            "--vm",
+            f"a=unix:{tmp_path}/a.qmp",
+        )
+    assert done.returncode == 2
+    assert first_line(done.stderr) == (
+        f"reclaimd: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert not journal.exists(), "the daemon started before the port was known to be free"

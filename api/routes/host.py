@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import VMDep
 from api.problems import problems
+from api.routes.vms import MAX_EVENT_ID
 from api.schemas import EstimateOut, EstimatePage, RangePage, ReportedRangeOut, WhatIfOut
 from daemon.model import MAX_PAGE_ORDER
 
@@ -27,18 +28,28 @@ async def reported_ranges(
         float | None, Query(ge=0, allow_inf_nan=False, description="only ranges seen after")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    before_id: Annotated[
+        int | None, Query(ge=1, le=MAX_EVENT_ID, description="paging cursor")
+    ] = None,
 ) -> RangePage:
-    """Blocks that free page reporting returned to the host, newest first."""
+    """Blocks that free page reporting returned to the host, newest first; paged as events
+    are (``before_id``, ``next_before_id``)."""
     history = vm.ranges
     if history is None or vm.host is None or vm.host.ledger is None:
         problem = (vm.host and vm.host.problem_detail) or "no host scan yet"
         return RangePage(vm=vm.name, ranges=[], total=0, problem=problem)
-    ranges = history.query(since=since, limit=limit)
+    kept = [
+        (n, r)
+        for n, r in history.numbered()
+        if (since is None or r.at > since) and (before_id is None or n < before_id)
+    ]
+    page = kept[-limit:]
     return RangePage(
         vm=vm.name,
-        ranges=[ReportedRangeOut(**vars(r)) for r in reversed(ranges)],
+        ranges=[ReportedRangeOut(id=n, **vars(r)) for n, r in reversed(page)],
         total=history.total,
         problem=None,
+        next_before_id=page[0][0] if len(kept) > len(page) else None,
     )
 
 

@@ -17,9 +17,21 @@ NOT_FOUND = problems(404)
 NOT_FOUND[404]["description"] = "no VM of that name"
 
 
-@router.get("", operation_id="listVMs", response_model=VMList)
-async def list_vms(daemon: DaemonDep) -> VMList:
-    return VMList(vms=[VMSummary.from_state(vm) for vm in daemon.fleet])
+@router.get("", operation_id="listVMs", response_model=VMList, responses=problems(422))
+async def list_vms(
+    daemon: DaemonDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[
+        str | None, Query(max_length=1024, description="paging cursor: VMs named after it")
+    ] = None,
+) -> VMList:
+    """The fleet by name; paged by ``after`` (the last name of a page) and ``next_after``."""
+    vms = [vm for vm in daemon.fleet if after is None or vm.name > after]
+    page = vms[:limit]
+    return VMList(
+        vms=[VMSummary.from_state(vm) for vm in page],
+        next_after=page[-1].name if len(vms) > len(page) else None,
+    )
 
 
 @router.get(

@@ -115,6 +115,12 @@ class RangeHistory:
         self._ranges.extend(ranges)
         self.total += len(ranges)
 
+    def numbered(self) -> list[tuple[int, ReportedRange]]:
+        """Ranges kept, oldest first, each with its number: 1 for the first range ever seen,
+        so a number names the same range for as long as it is kept (a paging cursor)."""
+        first = self.total - len(self._ranges) + 1
+        return list(enumerate(self._ranges, start=first))
+
     def query(self, since: float | None = None, limit: int | None = None) -> list[ReportedRange]:
         """Ranges kept, oldest first, seen after ``since``; ``limit`` keeps the newest."""
         out = [r for r in self._ranges if since is None or r.at > since]

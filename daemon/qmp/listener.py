@@ -2,7 +2,8 @@
 
 QEMU is started with ``-chardev socket,id=rd,path=PATH,reconnect=5 -mon chardev=rd,mode=control``.
 Each accepted connection gets its own QMP session (``qemu.qmp`` accepts a connected socket), is
-named by ``query-name`` (else its UUID, else its pid), and is followed until it hangs up. QEMU then
+named by ``query-name`` (else its UUID, else a socket of its own, else its pid: see
+``_identify``), and is followed until it hangs up. QEMU then
 reconnects by itself, so there is no backoff here: the VM's record waits, marked down.
 
 Whoever may connect to the socket may present itself as any VM, so a connection must pass two
@@ -46,7 +47,7 @@ from daemon.host.peercred import PeerCredentials, peer_credentials, process_grou
 from daemon.instruments import LISTEN_REFUSED
 from daemon.journal import Journal
 from daemon.qmp.connection import QMPConnection
-from daemon.qmp.errors import QMPSessionError
+from daemon.qmp.errors import CommandFailed, QMPSessionError
 from daemon.qmp.intake import record
 from daemon.qmp.session import Session
 from daemon.untrusted import MAX_VM_NAME, ZERO_UUID, text_or_none, vm_name
@@ -221,8 +222,10 @@ class Listener:
                 self._claimed_uuids.pop(uuid, None)
 
     async def _identify(self, conn: QMPConnection) -> tuple[str, str | None]:
-        """The VM's name (``-name``, else its UUID, else its pid) and its UUID, if it has one
-        that identifies it (not the all-zero default)."""
+        """The VM's name and its UUID, if it has one that identifies it (not the all-zero
+        default). The name: ``-name``, else the UUID, else the first Unix socket QEMU itself
+        listens on (a ``-qmp``, serial or agent socket: stable across restarts of that VM,
+        unlike its pid), else ``pid-PID`` as the last resort."""
         reply = await conn.execute("query-name")
         name = reply.get("name") if isinstance(reply, dict) else None
         uuid_reply = await conn.execute("query-uuid")
@@ -230,8 +233,26 @@ class Listener:
         uuid = text_or_none(raw_uuid, MAX_VM_NAME)
         if uuid == ZERO_UUID or not uuid:
             uuid = None
-        base = vm_name(name) or vm_name(uuid) or f"pid-{conn.peer_pid or 'unknown'}"
-        return base, uuid
+        base = vm_name(name) or vm_name(uuid) or await self._own_socket(conn)
+        return base or f"pid-{conn.peer_pid or 'unknown'}", uuid
+
+    async def _own_socket(self, conn: QMPConnection) -> str | None:
+        """``socket-NAME`` for the first server socket in QEMU's ``query-chardev`` (its file
+        name is ``unix:PATH,server=on``), NAME the socket's file name without its suffix."""
+        try:
+            chardevs = await conn.execute("query-chardev")
+        except CommandFailed:
+            return None
+        for chardev in chardevs if isinstance(chardevs, list) else ():
+            filename = chardev.get("filename") if isinstance(chardev, dict) else None
+            if not isinstance(filename, str) or not filename.startswith("unix:"):
+                continue
+            path, *options = filename[len("unix:") :].split(",")
+            if any(o in ("server", "server=on") for o in options) and path != str(self.path):
+                stem = vm_name(Path(path).stem)
+                if stem:
+                    return f"socket-{stem}"
+        return None
 
     def _holder(self, name: str, uuid: str | None) -> str | None:
         """The attached VM whose identity ``name`` or ``uuid`` claims, if any."""

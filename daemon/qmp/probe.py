@@ -22,6 +22,7 @@ from daemon.qmp.connection import READ_LIMIT, QMPConnection
 from daemon.qmp.errors import BadReply, CommandFailed
 from daemon.untrusted import (
     MAX_INT,
+    ZERO_UUID,
     bad_size,
     bounded_int,
     clean_json,
@@ -71,7 +72,8 @@ async def read_identity(conn: QMPConnection, vm: VMState) -> None:
     name = _dict(await conn.execute("query-name"), "query-name")
     vm.qemu_name = text_or_none(name.get("name"), MAX_NAME)
     uuid = _dict(await conn.execute("query-uuid"), "query-uuid")
-    vm.uuid = text_or_none(uuid.get("UUID"), MAX_UUID)
+    raw = text_or_none(uuid.get("UUID"), MAX_UUID)
+    vm.uuid = None if raw == ZERO_UUID else raw  # QEMU's default when -uuid is not given
     await read_status(conn, vm)
 
 

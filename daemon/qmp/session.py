@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import time
@@ -56,6 +57,8 @@ from daemon.qmp.intake import (
 )
 from daemon.qmp.monitor import QMPMonitor
 from daemon.qmp.schedule import PollSchedule
+
+log = logging.getLogger(__name__)
 
 #: What a session runs each poll, with the monitor of the attached connection (a ``QMPMonitor``,
 #: or a libvirt domain's: any ``daemon.vmcycle.Monitor``). It may return a
@@ -142,9 +145,12 @@ class SessionBase:
         return self.stopping
 
     def _record_attach(self, **data: Any) -> None:
+        # Once per attach, not per poll: the log says when a VM came and went, and why.
+        log.info("attached VM %s (%s, %s)", self.vm.name, self.vm.attach, self.vm.address)
         record(self.journal, self.vm.name, "attach", "attach", data)
 
     def _record_detach(self, cause: str) -> None:
+        log.info("detached VM %s: %s", self.vm.name, cause)
         record(self.journal, self.vm.name, "detach", "detach", {"cause": cause})
 
     def _new_connection(self) -> QMPConnection:

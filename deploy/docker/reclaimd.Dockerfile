@@ -20,11 +20,13 @@ WORKDIR /src
 RUN if [ -n "$EXTRAS" ]; then apt-get update \
  && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc \
  && rm -rf /var/lib/apt/lists/*; fi
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md deploy/docker/constraints.txt ./
 COPY daemon ./daemon
 COPY api ./api
+# The dependencies at the exact versions of constraints.txt: the same image from the same tree.
 RUN python -m venv /opt/reclaimd \
- && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check ".${EXTRAS:+[$EXTRAS]}"
+ && /opt/reclaimd/bin/pip install --no-cache-dir --disable-pip-version-check \
+      -c constraints.txt ".${EXTRAS:+[$EXTRAS]}"
 
 FROM ${PYTHON_IMAGE}
 ARG EXTRAS
@@ -45,6 +47,6 @@ USER 10001:10001
 EXPOSE 9947
 VOLUME ["/var/lib/reclaimd"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9947/healthz', timeout=4)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9947/readyz', timeout=4)"]
 ENTRYPOINT ["reclaimd"]
 CMD ["serve"]

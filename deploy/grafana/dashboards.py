@@ -60,6 +60,8 @@ TAGS = ["reclaimd", "qemu"]
 
 HOSTS = 'cluster=~"$cluster", instance=~"$instance"'
 ONE_VM = HOSTS + ', vm="$vm"'
+# A timestamp: time() - it is the stats' age.
+STATS_TIME = "qemu_guest_stats_last_update_timestamp_seconds"
 
 # Grafana's unit ids.
 BYTES = "bytes"
@@ -266,7 +268,7 @@ def fleet() -> dashboard.Dashboard:
                 "VMs with stale guest stats",
                 NONE,
                 q(
-                    f"count(qemu_guest_stats_age_seconds{{{HOSTS}}} > 60) or vector(0)",
+                    f"count(time() - {STATS_TIME}{{{HOSTS}}} > 60) or vector(0)",
                     instant=True,
                 ),
                 description="Guest statistics older than 60 s: the guest side of the estimate is"
@@ -308,7 +310,7 @@ def fleet() -> dashboard.Dashboard:
                 BYTES,
                 [
                     q(
-                        f"sum by (instance, vm) (vm:qemu_reclaimable_bytes:total{{{HOSTS}}})",
+                        f"sum by (instance, vm) (qemu_reclaimable_bytes{{{HOSTS}}})",
                         "{{instance}} / {{vm}}",
                     )
                 ],
@@ -329,7 +331,7 @@ def fleet() -> dashboard.Dashboard:
                 .orientation(VizOrientation.HORIZONTAL),
                 [
                     q(
-                        f"topk(10, vm:qemu_reclaimable_bytes:total{{{HOSTS}}})",
+                        f"topk(10, qemu_reclaimable_bytes{{{HOSTS}}})",
                         "{{instance}} / {{vm}}",
                         instant=True,
                     )
@@ -342,13 +344,11 @@ def fleet() -> dashboard.Dashboard:
                 BYTES,
                 [
                     q(
-                        f"sum(instance_component:qemu_reclaimable_bytes:sum"
-                        f'{{{HOSTS}, component="reported"}})',
+                        f'sum(instance_part:qemu_returned_bytes:sum{{{HOSTS}, part="reported"}})',
                         "free page reporting",
                     ),
                     q(
-                        f"sum(instance_component:qemu_reclaimable_bytes:sum"
-                        f'{{{HOSTS}, component="ballooned"}})',
+                        f'sum(instance_part:qemu_returned_bytes:sum{{{HOSTS}, part="ballooned"}})',
                         "balloon",
                     ),
                 ],
@@ -363,10 +363,14 @@ def fleet() -> dashboard.Dashboard:
                 BYTES,
                 [
                     q(
-                        f"sum by (component) (instance_component:qemu_reclaimable_bytes:sum"
-                        f'{{{HOSTS}, component=~"reportable|stranded|cache"}})',
-                        "{{component}}",
-                    )
+                        f"sum by (part) (instance_part:qemu_guest_free_resident_parts_bytes:sum"
+                        f"{{{HOSTS}}}) or "
+                        + _as_part(
+                            f"sum(instance:qemu_guest_reclaimable_cache_bytes:sum{{{HOSTS}}})",
+                            "cache",
+                        ),
+                        "{{part}}",
+                    ),
                 ],
                 description="reportable: free page reporting will return it; stranded: free"
                 " blocks below the reporting order, only a balloon gets them; cache: caches a"
@@ -393,7 +397,7 @@ def fleet() -> dashboard.Dashboard:
                 SECONDS,
                 [
                     q(
-                        f"max by (instance, vm) (qemu_guest_stats_age_seconds{{{HOSTS}}})",
+                        f"max by (instance, vm) (time() - {STATS_TIME}{{{HOSTS}}})",
                         "{{instance}} / {{vm}}",
                     )
                 ],
@@ -428,7 +432,7 @@ def fleet() -> dashboard.Dashboard:
                 [
                     _table(f"qemu_vm_up{{{HOSTS}}}"),
                     _table(f"qemu_vm_running{{{HOSTS}}}"),
-                    _table(f"qemu_guest_stats_age_seconds{{{HOSTS}}}"),
+                    _table(f"time() - {STATS_TIME}{{{HOSTS}}}"),
                     _table(f"qemu_balloon_free_page_reporting_enabled{{{HOSTS}}}"),
                     _table(f"qemu_vm_memory_bytes{{{HOSTS}}}"),
                 ],
@@ -503,6 +507,26 @@ def _table(expr: str) -> prometheus.Dataquery:
     return q(expr, instant=True).format(PromQueryFormat.TABLE)
 
 
+def _estimate_queries(*, instant: bool) -> list[prometheus.Dataquery]:
+    """The estimate's families as one series per part, legend ``part``: returned, free resident
+    by part, caches and the total. One query, so the panel has data once any part is known
+    (the split of free memory may take a while on a guest without its agent)."""
+    expr = " or ".join(
+        (
+            f"qemu_returned_bytes{{{ONE_VM}}}",
+            f"qemu_guest_free_resident_parts_bytes{{{ONE_VM}}}",
+            _as_part(f"qemu_guest_reclaimable_cache_bytes{{{ONE_VM}}}", "cache"),
+            _as_part(f"qemu_reclaimable_bytes{{{ONE_VM}}}", "reclaimable"),
+        )
+    )
+    return [q(expr, "{{part}}", instant=instant)]
+
+
+def _as_part(expr: str, part: str) -> str:
+    """``expr`` with a ``part`` label, to stand beside the families that have one."""
+    return f'label_replace({expr}, "part", "{part}", "", "")'
+
+
 def vm() -> dashboard.Dashboard:
     """Per-VM drill-down: the estimate's parts, the balloon, the guest's view, the host's view."""
     board = _base(
@@ -560,7 +584,7 @@ def vm() -> dashboard.Dashboard:
             single(
                 "Still reclaimable",
                 BYTES,
-                q(f"vm:qemu_reclaimable_bytes:total{{{ONE_VM}}}", instant=True),
+                q(f"qemu_reclaimable_bytes{{{ONE_VM}}}", instant=True),
                 description="What the host could still get back without pushing the guest"
                 " below the safety margin",
                 span=3,
@@ -602,7 +626,10 @@ def vm() -> dashboard.Dashboard:
             single(
                 "Guest stats age",
                 SECONDS,
-                q(f"qemu_guest_stats_age_seconds{{{ONE_VM}}}", instant=True),
+                q(
+                    f"time() - {STATS_TIME}{{{ONE_VM}}}",
+                    instant=True,
+                ),
                 description="Seconds since the guest last updated its balloon statistics",
                 span=3,
                 steps=((None, "green"), (60, "red")),
@@ -624,16 +651,16 @@ def vm() -> dashboard.Dashboard:
                 .height(9)
                 .display_mode(BarGaugeDisplayMode.GRADIENT)
                 .orientation(VizOrientation.HORIZONTAL),
-                [q(f"qemu_reclaimable_bytes{{{ONE_VM}}}", "{{component}}", instant=True)],
+                _estimate_queries(instant=True),
             )
         )
         .with_panel(
             series(
                 "Estimate over time",
                 BYTES,
-                [q(f"qemu_reclaimable_bytes{{{ONE_VM}}}", "{{component}}")],
-                description="Each component of the estimate (components overlap: reportable"
-                " and stranded are parts of free_resident)",
+                _estimate_queries(instant=False),
+                description="Each part of the estimate (reportable and stranded are the parts"
+                " of free resident memory; reclaimable is the total, less the margin)",
                 span=16,
                 height=9,
             )
@@ -715,7 +742,7 @@ def vm() -> dashboard.Dashboard:
                 BYTES,
                 [
                     q(f"qemu_host_resident_bytes{{{ONE_VM}}}", "host resident"),
-                    q(f"qemu_reported_bytes{{{ONE_VM}}}", "reported, still absent"),
+                    q(f"qemu_reported_absent_bytes{{{ONE_VM}}}", "reported, still absent"),
                     q(f"qemu_vm_memory_bytes{{{ONE_VM}}}", "RAM"),
                 ],
                 description="Guest RAM the host backs, and reported ranges the guest has not"

@@ -263,8 +263,8 @@ async def test_estimate_and_ranges_say_why_without_a_host_view(
     ranges = (await client.get("/api/v1/vms/vm1/reported-ranges")).json()
     assert ranges["ranges"] == [] and "x-query-ramblock" in ranges["problem"]
     text = (await client.get("/metrics")).text
-    assert 'qemu_reclaimable_bytes{component="ballooned",vm="vm1"} 0.0' in text
-    assert 'component="reported"' not in text  # unknown is absent, never a made-up 0
+    assert 'qemu_returned_bytes{part="ballooned",vm="vm1"} 0.0' in text
+    assert 'part="reported"' not in text  # unknown is absent, never a made-up 0
 
 
 async def test_advice_says_why_there_is_none_and_404s_an_unknown_vm(

@@ -27,6 +27,7 @@ MiB = 1 << 20
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 OPERATION_IDS = {
     ("get", "/healthz"): "getHealth",
+    ("get", "/readyz"): "getReadiness",
     ("get", "/metrics"): "getMetrics",
     ("get", "/api/v1/vms"): "listVMs",
     ("get", "/api/v1/vms/{name}"): "getVM",

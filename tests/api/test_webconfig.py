@@ -125,6 +125,7 @@ def test_unreadable_or_not_yaml(tmp_path: Path) -> None:
 def test_serve_refuses_to_start_with_a_bad_web_config(tmp_path: Path) -> None:
     path = write(tmp_path, {"basic_auth_users": {"alice": "not-a-hash"}})
     serve = [sys.executable, "-m", "daemon.cli", "serve", "--listen", "127.0.0.1:0"]
+    serve += ["--vm", f"a=unix:{tmp_path}/a.qmp"]
     done = subprocess.run(
         [*serve, "--journal", str(tmp_path / "j.sqlite3"), "--web-config", str(path)],
         capture_output=True,

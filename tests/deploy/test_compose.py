@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -189,9 +190,10 @@ def test_reclaimd_image_agrees_with_the_compose_file() -> None:
     port = listen.rpartition(":")[2]
     assert directive(text, "EXPOSE") == [port]
     assert f"RECLAIMD_LISTEN={listen}" in " ".join(directive(text, "ENV"))
-    assert f"http://127.0.0.1:{port}/healthz" in " ".join(directive(text, "HEALTHCHECK"))
+    # Healthy once ready: the first attach attempts made, so dependants see real VMs.
+    assert f"http://127.0.0.1:{port}/readyz" in " ".join(directive(text, "HEALTHCHECK"))
     assert any(
-        f"http://127.0.0.1:{port}/healthz" in part
+        f"http://127.0.0.1:{port}/readyz" in part
         for part in service("reclaimd")["healthcheck"]["test"]
     )
     assert directive(text, "ENTRYPOINT") == ['["reclaimd"]']
@@ -261,3 +263,37 @@ def test_images_build(not_run: Callable[[str], None]) -> None:
             check=False,
         )
         assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_compose_file_is_compose_v2() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    assert yaml.safe_load(text)["name"] == "reclaimd"
+    assert "Compose v2" in text  # said where the file shows how to run it
+
+
+def test_the_image_installs_pinned_dependencies() -> None:
+    """Every runtime dependency of pyproject.toml, transitive ones too, at one exact version
+    that satisfies pyproject's range, and the Dockerfile installs with those constraints."""
+    from packaging.requirements import Requirement
+
+    constraints = DEPLOY / "docker" / "constraints.txt"
+    pins: dict[str, str] = {}
+    for line in constraints.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"{line!r} is not pinned to one version"
+            pins[canonical(name)] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        pinned = pins.get(canonical(requirement.name))
+        assert pinned is not None, f"{requirement.name} is not pinned in {constraints.name}"
+        assert requirement.specifier.contains(pinned), f"{requirement.name}=={pinned}: {text}"
+    run = " ".join(directive(dockerfile("reclaimd.Dockerfile"), "RUN"))
+    assert "-c constraints.txt" in run
+    ignore = (DEPLOY / "docker" / "reclaimd.Dockerfile.dockerignore").read_text()
+    assert "!deploy/docker/constraints.txt" in ignore.splitlines()
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()

@@ -106,9 +106,9 @@ def test_daemonset_asks_for_exactly_one_capability() -> None:
             assert volume["hostPath"]["path"] in {"/run/qemu", "/run/reclaimd", "/var/lib/reclaimd"}
 
 
-def test_probes_use_healthz_on_the_metrics_port() -> None:
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container()[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+def test_probes_use_healthz_and_readyz_on_the_metrics_port() -> None:
+    assert container()["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container()["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
 
 def test_service_selects_the_pods_and_names_the_port() -> None:

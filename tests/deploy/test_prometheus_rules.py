@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.support import DEPLOY, load_yaml
+from tests.deploy.support import DEPLOY, REPO, load_yaml
 
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
@@ -110,7 +111,7 @@ def test_recording_rules_follow_the_naming_convention() -> None:
     for rule in _rules():
         if "record" in rule:
             level, metric, *_ = str(rule["record"]).split(":")
-            assert level in {"vm", "instance", "instance_component"}, rule["record"]
+            assert level in {"vm", "instance", "instance_part"}, rule["record"]
             assert metric.startswith("qemu_"), rule["record"]
 
 
@@ -127,3 +128,26 @@ def test_compose_scrape_target_names_the_host() -> None:
     assert job["job_name"] == "reclaimd"
     (static,) = job["static_configs"]
     assert static["labels"]["instance"], "instance must name the QEMU host"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a document's headings: lower case, punctuation dropped, - for space."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_alert_has_a_runbook_in_the_operations_guide() -> None:
+    docs = REPO / "docs" / "operations.md"
+    anchors = _anchors(docs.read_text())
+    for rule in _rules():
+        if "alert" in rule:
+            annotations = rule["annotations"]
+            assert isinstance(annotations, dict)
+            url = str(annotations.get("runbook_url", ""))
+            path, _, anchor = url.partition("#")
+            assert path == "docs/operations.md", f"{rule['alert']}: runbook_url {url!r}"
+            assert anchor in anchors, f"{rule['alert']}: no heading #{anchor} in {docs.name}"

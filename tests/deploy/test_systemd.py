@@ -91,3 +91,12 @@ def test_sysusers_creates_the_units_user() -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.read_string(UNIT.read_text())
     assert (kind, name) == ("u", parser["Service"]["User"])
+
+
+def test_mounts_files_and_limits() -> None:
+    found = dict(directives())
+    assert found["PrivateMounts"] == "yes"
+    assert found["UMask"] == "0027"  # the journal and state are not world-readable
+    assert int(found["LimitNOFILE"]) >= 4096
+    # A configuration error (exit 2, one line in the journal) is not restarted in a loop.
+    assert found["Restart"] == "on-failure" and found["RestartPreventExitStatus"] == "2"

@@ -95,7 +95,7 @@ def test_reporting_returns_freed_memory(
         assert r["length"] in (2 * MiB, 4 * MiB), r
         assert r["offset"] % r["length"] == 0, r
         assert r["offset"] >= 0 and r["offset"] + r["length"] <= block_bytes, r
-    metrics_reported = rd.metric("qemu_reported_bytes", vm="fr")
+    metrics_reported = rd.metric("qemu_reported_absent_bytes", vm="fr")
     assert metrics_reported is not None and metrics_reported >= 180 * MiB
 
 

@@ -150,7 +150,7 @@ def test_reported_ranges_rise_after_the_guest_frees_memory(
     )
     ranges = rd.get(f"/api/v1/vms/{name}/reported-ranges")["ranges"]
     assert sum(r["length"] for r in ranges if r["at"] > since) >= 80 * MiB
-    reported = rd.metric("qemu_reported_bytes", vm=name)
+    reported = rd.metric("qemu_reported_absent_bytes", vm=name)
     assert reported is not None and reported >= 80 * MiB
 
 

@@ -19,7 +19,7 @@ from daemon.config import Settings
 from daemon.fleet import SessionState
 from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.service import Reclaimd
-from tests.qmp.fake_qmp import FakeQMPServer, FakeVM
+from tests.qmp.fake_qmp import Behaviour, FakeQMPServer, FakeVM
 from tests.qmp.test_session import eventually
 
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
@@ -99,6 +99,27 @@ async def test_a_qemu_without_a_name_is_named_by_uuid_and_else_by_pid(
     await _attached(daemon, f"pid-{os.getpid()}")
     await by_uuid.stop()
     await anonymous.stop()
+
+
+async def test_a_qemu_without_name_or_uuid_is_named_by_a_socket_of_its_own(
+    daemon: Reclaimd, sockdir: Path
+) -> None:
+    listen = daemon.settings.listen_socket
+    assert listen is not None
+    chardevs = [
+        {"label": "rd", "filename": f"unix:{listen}", "frontend-open": True},  # reclaimd's
+        {"label": "serial0", "filename": "pty:/dev/pts/3", "frontend-open": True},
+        {"label": "qmp", "filename": "unix:/run/qemu/vm7.qmp,server=on", "frontend-open": True},
+    ]
+    guest = FakeQMPServer(
+        sockdir / "unused",
+        FakeVM(name="", uuid=ZERO_UUID),
+        Behaviour(replies={"query-chardev": chardevs}),
+    )
+    await guest.connect_to(listen)
+    vm = await _attached(daemon, "socket-vm7")  # the same name after QEMU restarts
+    assert vm.uuid is None
+    await guest.stop()
 
 
 async def test_a_second_qemu_that_claims_an_attached_vms_name_is_refused(

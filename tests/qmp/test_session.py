@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -98,6 +99,26 @@ async def test_state_sequence_across_a_loss_and_reconnect(
     entries = session.journal.entries("vm1", limit=10)
     assert [e.name for e in reversed(entries)] == ["attach", "detach", "attach", "detach"]
     assert entries[-2].data["cause"] == "connection closed by peer"
+
+
+async def test_attach_and_detach_are_logged_at_info_with_the_cause(
+    settings: Settings, journal: Journal, fake_qmp: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.qmp.session")
+    server = await fake_qmp()
+    session, task = start_session(settings, journal, server)
+    await eventually(lambda: session.vm.up)
+    server.drop_clients()
+    await eventually(lambda: session.vm.reconnects == 1 and session.vm.up)
+    await stop(task)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    attach = f"attached VM vm1 (connect, unix:{server.path})"
+    assert lines == [
+        attach,
+        "detached VM vm1: connection closed by peer",
+        attach,
+        "detached VM vm1: closed",  # cancelled: the connection closed by reclaimd
+    ]
 
 
 async def test_dead_socket_backs_off_and_records_cause(

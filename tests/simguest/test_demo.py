@@ -51,8 +51,12 @@ def wait_for_vms(base: str, count: int, proc: subprocess.Popen[bytes], timeout: 
     pytest.fail(f"the demo's API did not show {count} VMs up within {timeout} s")
 
 
-@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c", "sigint-to-demo-only"])
-def test_demo_runs_and_ctrl_c_stops_everything(whole_group: bool) -> None:
+@pytest.mark.parametrize(
+    ("whole_group", "signum"),
+    [(True, signal.SIGINT), (False, signal.SIGINT), (False, signal.SIGTERM)],
+    ids=["ctrl-c", "sigint-to-demo-only", "sigterm"],
+)
+def test_demo_runs_and_ctrl_c_stops_everything(whole_group: bool, signum: int) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECLAIMD_")}
@@ -73,9 +77,9 @@ def test_demo_runs_and_ctrl_c_stops_everything(whole_group: bool) -> None:
         children = descendants(proc.pid)
         assert len(children) >= 2
         if whole_group:
-            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does
         else:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)  # SIGTERM: what systemd, docker or kill send
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -86,6 +90,9 @@ def test_demo_runs_and_ctrl_c_stops_everything(whole_group: bool) -> None:
     assert f"{base}/api/v1/vms" in text and f"{base}/metrics" in text
     assert re.search(r"Authorization: Bearer \S{16,}", text)
     assert "sim-memhog-1" in text and "RECLAIMABLE" in text  # the live summary
+    # The host's use per VM, known for every simulated guest (its RAM is a real memfd).
+    rows = [line.split() for line in text.splitlines() if line.startswith("sim-memhog-1 ")]
+    assert rows and any(row[3] != "-" and int(row[3]) > 0 for row in rows), text
     workdir = re.search(r"files\s+(\S+)", text)
     assert workdir is not None and not Path(workdir[1]).exists(), "temporary files left behind"
     time.sleep(0.2)
@@ -100,6 +107,7 @@ def test_summary_table_shows_dashes_for_unknown_numbers() -> None:
                 "name": "b",
                 "up": True,
                 "ram_bytes": 512 << 20,
+                "host_resident_bytes": 300 << 20,
                 "balloon_actual_bytes": 256 << 20,
                 "guest_free_bytes": None,
                 "estimate": {"components": {"reported": {"bytes": 64 << 20}}},
@@ -112,11 +120,12 @@ def test_summary_table_shows_dashes_for_unknown_numbers() -> None:
         "VM",
         "UP",
         "RAM",
+        "HOST",
         "BALLOON",
         "FREE",
         "AVAIL",
         "REPORTED",
         "RECLAIMABLE",
     ]
-    assert lines[1].split() == ["a", "no", "-", "-", "-", "-", "-", "-"]
-    assert lines[2].split() == ["b", "yes", "512", "256", "-", "-", "64", "-"]
+    assert lines[1].split() == ["a", "no", "-", "-", "-", "-", "-", "-", "-"]
+    assert lines[2].split() == ["b", "yes", "512", "300", "256", "-", "-", "64", "-"]
