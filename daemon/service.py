@@ -39,7 +39,7 @@ from daemon.qmp.intake import fold_event_counts, record
 from daemon.qmp.listener import Listener
 from daemon.qmp.session import Cycle, PollSession, Session, SessionBase, poll_only
 from daemon.untrusted import vm_name
-from daemon.vmcycle import VMCycle
+from daemon.vmcycle import AGENT_DRIFT_EVERY, VMCycle
 
 if TYPE_CHECKING:
     # Imported when a libvirt URI is configured: the binding is an optional extra.
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 3600.0
+AGENT_READS_PER_SECOND = 20.0  # guest agent reads that moving memory asks for, daemon-wide
 RESTARTED_CAUSE = "reclaimd restarted without detaching (the previous process died)"
 #: Guest statistics older than this say nothing about the memory the guest uses now.
 STATS_MAX_AGE = 60.0
@@ -265,6 +266,7 @@ class Reclaimd:
                 agent=reader,
                 agent_path=path or "",
                 agent_refresh=self.settings.agent_refresh,
+                agent_spacing=self._agent_spacing,
                 balloon_min_bytes=self._configured_floor(vm.name),
             )
             self._cycles[vm.name] = cycle
@@ -293,6 +295,12 @@ class Reclaimd:
                 if stat.S_ISSOCK(path.stat().st_mode):
                     return str(path)
         return None
+
+    def _agent_spacing(self) -> float:
+        # Reads that moving memory asks for, daemon-wide at most AGENT_READS_PER_SECOND: a read
+        # costs the daemon about 2.5 ms (500 VMs, all with agents: 19 % of a core more than
+        # without), so a busy fleet's reads stay near 5 % of a core.
+        return max(AGENT_DRIFT_EVERY, len(self.fleet) / AGENT_READS_PER_SECOND)
 
     def _scan_budget_share(self) -> float:
         # The daemon-wide scan budget is shared by all VMs.

@@ -103,6 +103,7 @@ class VMCycle:
         agent: AgentSource | None = None,
         agent_path: str = "",
         agent_refresh: float = 60.0,
+        agent_spacing: Callable[[], float] = lambda: AGENT_DRIFT_EVERY,
         balloon_min_bytes: int | None = None,
     ) -> None:
         """``budget()`` is this VM's share of the scan budget now (CPU-seconds per second);
@@ -126,6 +127,7 @@ class VMCycle:
         self.agent = agent
         self.agent_path = agent_path
         self.agent_refresh = agent_refresh
+        self.agent_spacing = agent_spacing  # seconds at least between reads memory asked for
         self.free_lists: FreeLists | None = None  # the agent's last good read
         self._agent_task: asyncio.Task[FreeLists | AgentProblem] | None = None
         self._agent_asked: tuple[float, int] | None = None  # (monotonic, free bytes) of the last
@@ -257,7 +259,9 @@ class VMCycle:
         # drifted by the last read's residual, so read again each poll while it does.
         residual = self.free.residual_pages if self.free is not None else None
         drifting = residual is not None and residual * PAGE_SIZE >= worth
-        return moved or since >= self.agent_refresh or (drifting and since >= AGENT_DRIFT_EVERY)
+        if since >= self.agent_refresh:
+            return True
+        return (moved or drifting) and since >= self.agent_spacing()
 
     async def _scan_if_due(self) -> GuestRamScan | None:
         """Scan when the cadence says so, or when the guest's free memory moved since the

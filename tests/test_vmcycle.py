@@ -276,3 +276,23 @@ def test_the_agent_is_read_each_stats_push_while_the_split_drifts() -> None:
     assert cycle._agent_due(1024 * MiB)
     cycle._agent_asked = (time.monotonic() - 0.5, 0)  # but not more often than a push
     assert not cycle._agent_due(1024 * MiB)
+
+
+def test_reads_that_moving_memory_asks_for_are_spaced_as_the_daemon_says() -> None:
+    vm = Fleet().add("vm1", "unix:/x", "connect")
+    vm.memory.base_bytes = 1024 * MiB
+    spacing = [25.0]  # a large fleet: the daemon-wide rate of such reads is shared
+    cycle = VMCycle(vm, budget=lambda: 1.0, agent_refresh=60.0, agent_spacing=lambda: spacing[0])
+    cycle.free = FreeState(
+        at=0.0, source="agent", by_order_pages=(0,) * 11, reporting_order=9,
+        residual_pages=20 * MiB // 4096, residual_at=0.0, agent_skew_seconds=0.0,
+        pending_pages=0, pending_since=None, report_due_at=None, verdict="effective",
+        evidence=None,
+    )  # fmt: skip
+    cycle._agent_asked = (time.monotonic() - 10.0, 0)
+    assert not cycle._agent_due(1024 * MiB)  # drifting, but 10 s < 25 s
+    spacing[0] = 2.0
+    assert cycle._agent_due(1024 * MiB)
+    cycle._agent_asked = (time.monotonic() - 61.0, 0)  # the refresh is due whatever the spacing
+    spacing[0] = 100.0
+    assert cycle._agent_due(1024 * MiB)
