@@ -26,12 +26,9 @@ import argparse
 import contextlib
 import os
 import random
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_fleet import extract_revision, free_port, pct, write_results
+from bench_fleet import before_after, free_port, pct, terminate, write_results
 
 from daemon.journal import Journal
 from daemon.simguest.guest import SimGuestSpec
@@ -128,13 +125,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.log.close()
 
 
@@ -272,22 +263,12 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    runs: list[tuple[str, Path | None]] = []
-    workroot = Path(tempfile.mkdtemp(prefix="rd-churn-"))
-    results = []
-    try:
-        if args.baseline:
-            runs.append(
-                (f"before: {args.baseline}", extract_revision(args.baseline, workroot / "base"))
-            )
-        runs.append(("after: this tree", None))
-        for label, tree in runs:
-            workdir = workroot / f"run{len(results)}"
-            workdir.mkdir()
-            results.append(run(args, workdir, label, tree))
-            print(markdown(results[-1]), flush=True)
-    finally:
-        shutil.rmtree(workroot, ignore_errors=True)
+    results = before_after(
+        args.baseline,
+        "rd-churn-",
+        lambda workdir, label, tree: run(args, workdir, label, tree),
+        markdown,
+    )
     section = (
         f"## {args.vms} VMs, {args.cycles} restarts, {args.concurrency} at a time\n\n"
         + "\n\n".join(markdown(r) for r in results)

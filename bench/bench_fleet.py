@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from machine import cpu_model  # bench/machine.py: scripts run from bench/
@@ -162,13 +162,47 @@ class Daemon:
 
     def stop(self) -> None:
         self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a service manager would, and SIGKILL after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+Result = TypeVar("Result")
+
+
+def before_after(
+    baseline: str | None,
+    prefix: str,
+    run: Callable[[Path, str, Path | None], Result],
+    show: Callable[[Result], str],
+) -> list[Result]:
+    """``run(workdir, label, tree)`` for git revision ``baseline``'s daemon (when given), then
+    this tree's (``tree`` None), each in a fresh work directory; each result printed as it
+    comes."""
+    workroot = Path(tempfile.mkdtemp(prefix=prefix))
+    results: list[Result] = []
+    try:
+        runs: list[tuple[str, Path | None]] = []
+        if baseline:
+            runs.append((f"before: {baseline}", extract_revision(baseline, workroot / "base")))
+        runs.append(("after: this tree", None))
+        for label, tree in runs:
+            workdir = workroot / f"run{len(results)}"
+            workdir.mkdir()
+            results.append(run(workdir, label, tree))
+            print(show(results[-1]), flush=True)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+    return results
 
 
 @contextlib.contextmanager

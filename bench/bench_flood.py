@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_fleet import cpu_seconds, extract_revision, free_port, pct, write_results
+from bench_fleet import before_after, cpu_seconds, free_port, pct, write_results
 
 from daemon.journal import Journal
 from daemon.simguest.launcher import FleetProcess
@@ -238,21 +236,12 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    workroot = Path(tempfile.mkdtemp(prefix="rd-flood-"))
-    runs: list[tuple[str, Path | None]] = []
-    results = []
-    try:
-        if args.baseline:
-            base = extract_revision(args.baseline, workroot / "base")
-            runs.append((f"before: {args.baseline}", base))
-        runs.append(("after: this tree", None))
-        for label, tree in runs:
-            workdir = workroot / f"run{len(results)}"
-            workdir.mkdir()
-            results.append(run(args, workdir, label, tree))
-            print(markdown(results[-1]), flush=True)
-    finally:
-        shutil.rmtree(workroot, ignore_errors=True)
+    results = before_after(
+        args.baseline,
+        "rd-flood-",
+        lambda workdir, label, tree: run(args, workdir, label, tree),
+        markdown,
+    )
     section = (
         f"## {args.quiet} quiet VMs and one sending {args.rate} events/s, {args.duration:g} s "
         "per phase\n\n" + "\n\n".join(markdown(r) for r in results)
