@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from daemon.simguest.accuracy import (
     NO_AGENT_TOLERANCES,
     TOLERANCES,
     ErrorSeries,
-    TruthHistory,
+    TruthReader,
     estimated,
 )
 from daemon.simguest.guest import SimGuestSpec
@@ -70,38 +69,23 @@ def sample(
     d: Daemon, guests: dict[str, GuestProcess], seconds: float, window: float
 ) -> dict[str, ErrorSeries]:
     """Truth four times a second (in a thread), estimates every poll, compared."""
-    histories = {name: TruthHistory() for name in guests}
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def read_truths() -> None:
-        while not stop.is_set():
-            for name, guest in guests.items():
-                truth = guest.truth()
-                with lock:
-                    histories[name].add(truth)
-            stop.wait(TRUTH_EVERY)
-
-    reader = threading.Thread(target=read_truths, daemon=True)
-    reader.start()
     series = {
         name: ErrorSeries(NO_AGENT_TOLERANCES if name.endswith("-noagent") else TOLERANCES)
         for name in guests
     }
-    try:
+    readers = {name: guest.truth for name, guest in guests.items()}
+    with TruthReader(readers, TRUTH_EVERY) as truths:
         time.sleep(window + 1)
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            time.sleep(POLL)
+        started = next_round = time.monotonic()
+        while next_round - started < seconds:
+            time.sleep(max(0.0, next_round - time.monotonic()))
+            next_round += POLL
+            fetched = []
             for name in guests:
                 detail = d.client.get(f"/api/v1/vms/{name}").json()
-                now = time.time()
-                with lock:
-                    truths = histories[name].window(now - window, now)
-                series[name].add(estimated(detail), truths)
-    finally:
-        stop.set()
-        reader.join(5)
+                fetched.append((name, detail, time.time()))
+            for name, detail, at in fetched:
+                series[name].add(estimated(detail), truths.window(name, at - window, at))
     return series
 
 

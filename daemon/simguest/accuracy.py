@@ -16,9 +16,12 @@ the poll, so no single instant is *the* moment of an estimate's inputs.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 TOLERANCES: dict[str, float] = {
@@ -93,6 +96,63 @@ class TruthHistory:
 
     def window(self, start: float, end: float) -> list[dict[str, Any]]:
         return [t for t in self.samples if start <= t["time"] <= end]
+
+
+class TruthReader:
+    """Each guest's truth read every ``every`` seconds in a thread, whatever the caller does.
+
+    An estimate fetched at ``T`` may rest on a scan made a moment before ``T``: it is held
+    against the truths of ``[T - age, T]``, so ``window`` waits until a truth at or after ``T``
+    has been read (truths read only between fetches would miss the newest inputs).
+    """
+
+    def __init__(
+        self, readers: Mapping[str, Callable[[], dict[str, Any]]], every: float = 0.25
+    ) -> None:
+        self.readers = dict(readers)
+        self.every = every
+        self.histories = {name: TruthHistory() for name in readers}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="truth-reader", daemon=True)
+        self._failed: Exception | None = None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for name, read in self.readers.items():
+                    truth = read()
+                    with self._lock:
+                        self.histories[name].add(truth)
+                self._stop.wait(self.every)
+        except Exception as exc:  # a guest gone: the caller hears of it at its next window
+            self._failed = exc
+
+    def window(
+        self, name: str, start: float, end: float, wait: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """The truths of ``[start, end]``, once one at or after ``end`` was read."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self._failed is not None:
+                raise RuntimeError(f"reading the guests' truth failed: {self._failed}")
+            with self._lock:
+                history = self.histories[name]
+                if (history.samples and history.samples[-1]["time"] >= end) or (
+                    time.monotonic() > deadline
+                ):
+                    return history.window(start, end)
+            time.sleep(self.every / 5)
+
+    def __enter__(self) -> TruthReader:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -31,7 +31,7 @@ from daemon.simguest.accuracy import (
     NO_AGENT_TOLERANCES,
     TOLERANCES,
     ErrorSeries,
-    TruthHistory,
+    TruthReader,
     estimated,
 )
 from daemon.simguest.guest import SimGuestSpec
@@ -110,7 +110,6 @@ def test_estimate_matches_the_truth_under_each_workload(
     attached: tuple[str, dict[str, GuestProcess]],
 ) -> None:
     base, guests = attached
-    histories = {name: TruthHistory() for name in guests}
     series = {
         name: ErrorSeries(guard(NO_AGENT_TOLERANCES if name.endswith("-noagent") else TOLERANCES))
         for name in guests
@@ -126,20 +125,21 @@ def test_estimate_matches_the_truth_under_each_workload(
             time.sleep(0.5)
         else:
             pytest.fail("reclaimd did not attach to all simulated guests within 30 s")
-        started = time.monotonic()
-        next_estimate = started + 10  # first stats, first residency scans and agent reads
-        while time.monotonic() - started < 10 + WINDOW:
-            for name, guest in guests.items():
-                histories[name].add(guest.truth())
-            if time.monotonic() >= next_estimate:
-                next_estimate += POLL
-                now = time.time()
+        readers = {name: guest.truth for name, guest in guests.items()}
+        with TruthReader(readers) as truths:
+            time.sleep(10)  # first stats, first residency scans and agent reads
+            started = next_round = time.monotonic()
+            while next_round - started < WINDOW:
+                time.sleep(max(0.0, next_round - time.monotonic()))
+                next_round += POLL
+                # Each estimate's inputs are at most INPUT_AGE old when its reply is made: it is
+                # held against the truths of the moments up to its reply's.
+                fetched = []
                 for name in guests:
                     detail = client.get(f"/api/v1/vms/{name}").json()
-                    series[name].add(
-                        estimated(detail), histories[name].window(now - INPUT_AGE, now)
-                    )
-            time.sleep(0.25)
+                    fetched.append((name, detail, time.time()))
+                for name, detail, at in fetched:
+                    series[name].add(estimated(detail), truths.window(name, at - INPUT_AGE, at))
     failures = [f for name, s in series.items() for f in s.failures(name)]
     assert failures == []
     for name, s in series.items():  # the test measured something for every VM
