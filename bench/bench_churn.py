@@ -1,11 +1,16 @@
-"""Restart-to-up under churn: simulated guests killed and restarted, over and over.
+"""Restart-to-up under churn: QEMUs (or simulated guests) killed and restarted, over and over.
 
-``--vms`` simulated guests (one ``python -m daemon.simguest run`` process each, as QEMU runs)
-and ``reclaimd serve`` attached to each in connect mode (``[[vm]]`` in a config file, the daemon's
-default backoff). Then ``--cycles`` restarts in all, ``--concurrency`` at a time: a worker picks a
-VM that is up, ends its guest (SIGTERM, after which the guest says SHUTDOWN and removes its
-socket, or SIGKILL, which leaves the socket file behind), waits a random 0-0.5 s, starts a new
-guest on the same socket and waits until reclaimd has it up again.
+``--vms`` guests and ``reclaimd serve`` attached to each in connect mode (``[[vm]]`` in a
+config file, the daemon's default backoff). Then ``--cycles`` restarts in all,
+``--concurrency`` at a time: a worker picks a VM that is up, ends its guest (SIGTERM, after
+which the guest says SHUTDOWN and exits, or SIGKILL, which leaves the socket file behind),
+waits a random 0-0.5 s, starts a new guest on the same socket and waits until reclaimd has it
+up again.
+
+The guests (``--guests``): ``qemu``, real QEMU processes (TCG, stopped with ``-S`` so that
+twenty of them leave the two cores to reclaimd: the monitor, the balloon device, SHUTDOWN on
+SIGTERM and the socket left behind on SIGKILL are QEMU's own), or ``sim``, simulated guests (one
+``python -m daemon.simguest run`` process each, which start in about a second).
 
 Measured, per restart, from reclaimd's own journal (the attach entry with the new guest's pid):
 
@@ -15,7 +20,8 @@ Measured, per restart, from reclaimd's own journal (the attach entry with the ne
 and: every SHUTDOWN a guest sent while attached is in the journal; the daemon's open
 descriptors, threads and event-loop tasks (``reclaimd_asyncio_tasks``) before and after.
 
-Usage: python bench/bench_churn.py [--vms 20] [--cycles 300] [--concurrency 4] [--baseline REV]
+Usage: python bench/bench_churn.py [--guests qemu|sim] [--vms 20] [--cycles 300]
+[--concurrency 4] [--baseline REV]
 Results go to bench/RESULTS-churn.md (``--results``). ``--baseline REV`` runs the daemon of
 git revision REV against the same schedule first (no task count: it has no such metric).
 """
@@ -26,6 +32,9 @@ import argparse
 import contextlib
 import os
 import random
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from bench_fleet import before_after, free_port, pct, terminate, write_results
@@ -129,10 +138,75 @@ class Daemon:
         self.log.close()
 
 
-def _start_guest(name: str, socket: Path, log: Path) -> tuple[GuestProcess, float, float]:
-    spec = SimGuestSpec(name=name, ram_bytes=32 * MiB, socket=socket, workload="idle")
+class Guest(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    def stop(self, timeout: float = ...) -> int: ...
+
+    def kill(self) -> int: ...
+
+
+class QemuGuest:
+    """A real QEMU with its monitor on ``socket`` and a balloon, its vCPUs never started."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, name: str, sock: Path, log: Path, timeout: float = 30.0) -> QemuGuest:
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            raise RuntimeError("no qemu-system-x86_64 (apt-get install qemu-system-x86)")
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [qemu, "-accel", "tcg", "-S", "-m", "64", "-nodefaults", "-display", "none",
+                 "-name", name, "-qmp", f"unix:{sock},server=on,wait=off",
+                 "-device", "virtio-balloon-pci"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:  # accepting: a connection to a socket file a killed QEMU left is refused
+            if process.poll() is not None:
+                raise RuntimeError(f"QEMU for {name} exited with {process.returncode}: see {log}")
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(sock))
+                    return cls(process)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                process.kill()
+                raise TimeoutError(f"QEMU for {name} did not listen on {sock} in {timeout:g} s")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM: QEMU says SHUTDOWN (reason host-signal) to its monitor and exits."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        return self.process.wait()
+
+
+def _start_guest(kind: str, name: str, sock: Path, log: Path) -> tuple[Guest, float, float]:
     spawned = time.time()
-    guest = GuestProcess.start(spec, log=log, timeout=120)
+    guest: Guest
+    if kind == "qemu":
+        guest = QemuGuest.start(name, sock, log)
+    else:
+        spec = SimGuestSpec(name=name, ram_bytes=32 * MiB, socket=sock, workload="idle")
+        guest = GuestProcess.start(spec, log=log, timeout=120)
     return guest, spawned, time.time()
 
 
@@ -141,9 +215,9 @@ def run(args: argparse.Namespace, workdir: Path, label: str, tree: Path | None) 
     names = [f"vm{i:02d}" for i in range(args.vms)]
     sockets = {n: workdir / f"{n}.qmp" for n in names}
     result = ChurnResult(label, args.vms, shutdowns_sent=dict.fromkeys(names, 0))
-    guests: dict[str, GuestProcess] = {}
+    guests: dict[str, Guest] = {}
     for name in names:
-        guests[name], _, _ = _start_guest(name, sockets[name], workdir / f"{name}.log")
+        guests[name], _, _ = _start_guest(args.guests, name, sockets[name], workdir / f"{name}.log")
     daemon = Daemon(workdir, sockets, tree)
     free: list[str] = list(names)
     lock = threading.Lock()
@@ -169,7 +243,9 @@ def run(args: argparse.Namespace, workdir: Path, label: str, tree: Path | None) 
             else:
                 guest.kill()
             time.sleep(pause)
-            new, spawned, ready = _start_guest(name, sockets[name], workdir / f"{name}.log")
+            new, spawned, ready = _start_guest(
+                args.guests, name, sockets[name], workdir / f"{name}.log"
+            )
             guests[name] = new
             daemon.wait_up(name, new.pid)
             with lock:
@@ -256,6 +332,7 @@ def markdown(r: ChurnResult) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--guests", choices=("qemu", "sim"), default="qemu")
     parser.add_argument("--vms", type=int, default=20)
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -270,7 +347,8 @@ def main() -> int:
         markdown,
     )
     section = (
-        f"## {args.vms} VMs, {args.cycles} restarts, {args.concurrency} at a time\n\n"
+        f"## {args.vms} {'QEMUs' if args.guests == 'qemu' else 'simulated guests'}, "
+        f"{args.cycles} restarts, {args.concurrency} at a time\n\n"
         + "\n\n".join(markdown(r) for r in results)
     )
     text = write_results(args.results, "Restart-to-up under churn", "bench_churn.py", section)
