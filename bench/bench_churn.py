@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from bench_fleet import before_after, free_port, pct, terminate, write_results
+from bench_fleet import before_after, daemon_process, free_port, pct, terminate, write_results
 
 from daemon.journal import Journal
 from daemon.simguest.guest import SimGuestSpec
@@ -89,13 +89,12 @@ class Daemon:
             "".join(f'[[vm]]\nname = "{n}"\naddress = "unix:{p}"\n' for n, p in sockets.items())
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECLAIMD_")}
-        if tree is not None:
-            env["PYTHONPATH"] = str(tree)
         env.update(RECLAIMD_JOURNAL=str(self.journal), RECLAIMD_POLL_INTERVAL="2")
         self.log = open(workdir / f"reclaimd-{self.port}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config),
-             "--listen", f"127.0.0.1:{self.port}"],
+            daemon_process(
+                ["serve", "--config", str(config), "--listen", f"127.0.0.1:{self.port}"], env, tree
+            ),
             env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30.0)

@@ -94,6 +94,17 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def daemon_process(args: list[str], env: dict[str, str], tree: Path | None) -> list[str]:
+    """The command line of ``reclaimd ARGS`` from ``tree`` (None: this one), setting ``env``'s
+    PYTHONPATH. ``-P``: without it ``python -m`` puts the working directory first on the path,
+    and a baseline started from the repository would run this tree's packages, not ``tree``'s."""
+    env["PYTHONPATH"] = str(tree if tree is not None else REPO)
+    return [sys.executable, "-P", "-m", "daemon.cli", *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,9 +129,7 @@ class Daemon:
         env = dict(os.environ)
         for key in [k for k in env if k.startswith("RECLAIMD_")]:
             del env[key]
-        if tree is not None:
-            env["PYTHONPATH"] = str(tree)
-        else:
+        if tree is None:
             env.update(THIS_TREE_ENV)  # settings only this tree has (--this-tree-env)
         env.update(
             RECLAIMD_SOCKET_GLOB=glob,
@@ -130,7 +139,7 @@ class Daemon:
         )
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "serve", "--listen", f"127.0.0.1:{self.port}"],
+                daemon_process(["serve", "--listen", f"127.0.0.1:{self.port}"], env, tree),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_fleet import before_after, cpu_seconds, free_port, pct, write_results
+from bench_fleet import before_after, cpu_seconds, daemon_process, free_port, pct, write_results
 
 from daemon.journal import Journal
 from daemon.simguest.launcher import FleetProcess
@@ -148,14 +148,13 @@ def run(args: argparse.Namespace, workdir: Path, label: str, tree: Path | None) 
     )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECLAIMD_")}
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
     journal = workdir / "journal.sqlite3"
     env.update(RECLAIMD_JOURNAL=str(journal), RECLAIMD_POLL_INTERVAL="2")
     with open(workdir / "reclaimd.log", "wb") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config),
-             "--listen", f"127.0.0.1:{port}"],
+            daemon_process(
+                ["serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"], env, tree
+            ),
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0)
