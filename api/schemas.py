@@ -376,3 +376,13 @@ class AdviceOut(BaseModel):
     action: Literal["inflate", "deflate", "hold", "none"]
     reasons: list[str]
     pressure: PressureOut | None
+    reclaim: bool = Field(
+        description="false: the VM is opted out (config, or its libvirt metadata) and the "
+        "reclaim controller leaves it alone; the advice is given all the same"
+    )
+    minimum_bytes: int | None = Field(
+        description="the VM's own minimum balloon target; null: the daemon's balloon_min_bytes"
+    )
+    options_source: Literal["config", "libvirt metadata"] | None = Field(
+        description="where the VM's reclaim and minimum were set; null: nowhere (defaults)"
+    )

@@ -43,6 +43,18 @@ class SessionState(StrEnum):
 
 
 @dataclass(frozen=True)
+class VMOptions:
+    """What the VM's own definition says about reclaiming it: ``[[vm]]`` in the config, or
+    reclaimd's element in a libvirt domain's metadata (``source``; None: nothing said).
+    ``reclaim`` False: the reclaim controller leaves the VM alone; ``minimum_bytes``: no
+    balloon target below it unless forced (None: the daemon's ``balloon_min_bytes``)."""
+
+    reclaim: bool = True
+    minimum_bytes: int | None = None
+    source: Literal["config", "libvirt metadata"] | None = None
+
+
+@dataclass(frozen=True)
 class AgentStatus:
     """The guest agent of a VM, as its last read went."""
 
@@ -128,6 +140,7 @@ class VMState:
     # Extra identity labels of qemu_vm_info (a libvirt domain's OpenStack Nova metadata).
     labels: dict[str, str] = field(default_factory=dict)
     advice: Advice | None = None  # the balloon advice, published with the estimate
+    options: VMOptions = field(default_factory=VMOptions)
 
     def set_session_state(self, state: SessionState, error: str | None = None) -> None:
         if state != self.session_state:

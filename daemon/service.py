@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.agent import AgentReader, AgentTransport, SocketTransport
 from daemon.config import Address, AttachMode, Settings
-from daemon.fleet import AttachKind, Fleet, VMState
+from daemon.fleet import AttachKind, Fleet, VMOptions, VMState
 from daemon.host.meminfo import host_memory_use
 from daemon.instruments import QMP_EVENTS_DROPPED, QMP_RECONNECTS, RECLAIM_ACTIONS
 from daemon.journal import Journal, JournalEntry
@@ -123,7 +123,10 @@ class Reclaimd:
         # One thread scans for all VMs (see daemon.vmcycle for why only one).
         self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
-            self.add_vm(vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid, agent=vm.agent)
+            added = self.add_vm(
+                vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid, agent=vm.agent
+            )
+            added.options = VMOptions(vm.reclaim, vm.balloon_min_bytes, "config")
         if self.settings.socket_glob:
             watcher = SocketWatcher(
                 self.settings.socket_glob,
@@ -267,7 +270,7 @@ class Reclaimd:
                 agent_path=path or "",
                 agent_refresh=self.settings.agent_refresh,
                 agent_spacing=self._agent_spacing,
-                balloon_min_bytes=self._configured_floor(vm.name),
+                minimum=lambda: self._configured_floor(vm),
             )
             self._cycles[vm.name] = cycle
         return cycle
@@ -408,7 +411,7 @@ class Reclaimd:
                 margin_bytes=margin_for(vm.memory.ram_bytes),
                 deflate_on_oom=vm.balloon.deflate_on_oom is True,
                 host_use=host_use,
-                opted_out=not self._reclaims(vm.name),
+                opted_out=not vm.options.reclaim,
             )
             if decision.target_bytes is None:
                 continue
@@ -439,9 +442,6 @@ class Reclaimd:
             self.reclaim.done(decision, now)
         return changes
 
-    def _reclaims(self, name: str) -> bool:
-        return all(vm.reclaim for vm in self.settings.vm if vm.name == name)
-
     # -- reads and actions for the API -----------------------------------------------------
 
     async def events(
@@ -469,7 +469,7 @@ class Reclaimd:
         Without them: the configured minimum (the VM's ``balloon_min_bytes``, else the
         daemon's). None when there is neither: nothing tells how low is safe.
         """
-        configured = self._configured_floor(vm.name)
+        configured = self._configured_floor(vm)
         stats, ram = vm.guest_stats, vm.memory.ram_bytes
         age = stats.age(time.time()) if stats is not None else None
         usable = (
@@ -499,10 +499,10 @@ class Reclaimd:
             return configured, f"the configured minimum (above {how})"
         return floor, how
 
-    def _configured_floor(self, name: str) -> int | None:
-        for vm in self.settings.vm:
-            if vm.name == name and vm.balloon_min_bytes is not None:
-                return vm.balloon_min_bytes
+    def _configured_floor(self, vm: VMState) -> int | None:
+        """The VM's own minimum (config or libvirt metadata), else the daemon's."""
+        if vm.options.minimum_bytes is not None:
+            return vm.options.minimum_bytes
         return self.settings.balloon_min_bytes
 
     async def set_balloon(

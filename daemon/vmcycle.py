@@ -104,14 +104,15 @@ class VMCycle:
         agent_path: str = "",
         agent_refresh: float = 60.0,
         agent_spacing: Callable[[], float] = lambda: AGENT_DRIFT_EVERY,
-        balloon_min_bytes: int | None = None,
+        minimum: Callable[[], int | None] = lambda: None,
     ) -> None:
         """``budget()`` is this VM's share of the scan budget now (CPU-seconds per second);
         ``scanner`` runs the scans (None: asyncio's default executor); ``agent`` reads the
         guest's free lists (at ``agent_path``), None when the VM has no agent;
-        ``balloon_min_bytes`` is the configured minimum the balloon advice respects."""
+        ``minimum()`` is the configured minimum the balloon advice respects (asked each cycle:
+        a libvirt domain's metadata can change it)."""
         self.vm = vm
-        self.balloon_min_bytes = balloon_min_bytes
+        self.minimum = minimum
         self.pressure = PressureWatch()
         self.budget = budget
         self.scanner = scanner
@@ -333,7 +334,7 @@ class VMCycle:
             actual_bytes=vm.balloon.actual_bytes if vm.balloon.present else None,
             deflate_on_oom=vm.balloon.deflate_on_oom is True,
             pressure=self.pressure.observe(stats, result.margin_bytes),
-            minimum_bytes=self.balloon_min_bytes,
+            minimum_bytes=self.minimum(),
         )
         vm.host = HostStatus(
             available=latest is not None and self.problem is None,

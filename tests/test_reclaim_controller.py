@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Address, Settings
+from daemon.config import Address, Settings, VMConfig
+from daemon.fleet import VMOptions
 from daemon.instruments import RECLAIM_ACTIONS
 from daemon.service import Reclaimd
 from daemon.simguest.guest import SimGuest, SimGuestSpec
@@ -100,5 +101,38 @@ async def test_advise_only_logs_what_it_would_do(
         assert controller_steps(daemon) == []
         assert vm.balloon.target_bytes is None
         assert guest.machine.balloon.target_bytes == RAM
+    finally:
+        await daemon.stop()
+
+
+async def test_a_vm_opted_out_in_the_config_is_left_alone_and_keeps_its_minimum(
+    settings: Settings, guest: SimGuest
+) -> None:
+    assert guest.spec.socket is not None
+    configured = VMConfig(
+        name="rc", address=f"unix:{guest.spec.socket}", reclaim=False, balloon_min_bytes=200 * MiB
+    )
+    daemon = Reclaimd(reclaim_settings(settings, "act").model_copy(update={"vm": [configured]}))
+    await daemon.start()
+    try:
+        vm = daemon.fleet.get("rc")
+        assert vm is not None
+        assert vm.options == VMOptions(False, 200 * MiB, "config")
+        # The advice is given all the same, above the VM's own minimum, and says inflate.
+        await eventually(
+            lambda: (
+                vm.advice is not None
+                and vm.advice.target_bytes is not None
+                and vm.advice.target_bytes < RAM - 32 * MiB
+            ),
+            60,
+        )
+        assert vm.advice is not None and vm.advice.floor_bytes is not None
+        assert vm.advice.floor_bytes >= 200 * MiB
+        assert await daemon.reclaim_once(host_use=1.0) == []
+        # The same VM without the opt-out is stepped towards the advice.
+        vm.options = VMOptions()
+        decisions = await daemon.reclaim_once(host_use=1.0)
+        assert [(d.vm, d.action) for d in decisions] == [("rc", "inflate")]
     finally:
         await daemon.stop()

@@ -22,9 +22,13 @@ async def get_advice(vm: VMDep) -> AdviceOut:
     """The recommended balloon target and the memory it would return (always on; acting on
     it is the controller's, when configured)."""
     advice = vm.advice
+    opts = vm.options
     if advice is None:
         return AdviceOut(
             vm=vm.name,
+            reclaim=opts.reclaim,
+            minimum_bytes=opts.minimum_bytes,
+            options_source=opts.source,
             at=None,
             target_bytes=None,
             expected_gain_bytes=0,
@@ -36,4 +40,10 @@ async def get_advice(vm: VMDep) -> AdviceOut:
         )
     body = asdict(advice)
     body["pressure"] = PressureOut(**body["pressure"])
-    return AdviceOut(vm=vm.name, **body)
+    return AdviceOut(
+        vm=vm.name,
+        **body,
+        reclaim=opts.reclaim,
+        minimum_bytes=opts.minimum_bytes,
+        options_source=opts.source,
+    )

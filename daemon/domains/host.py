@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from daemon import libvirt as lv
+from daemon.domains.monitor import options_of
 from daemon.domains.session import LibvirtSession
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,13 @@ class LibvirtHost:
             name = _EVENT_NAMES.get(type(event))
             if other is not None and name is not None:
                 other.event(name, {})
+            if (
+                other is not None
+                and isinstance(event, lv.MetadataChanged)
+                and event.namespace == lv.RECLAIMD_NS
+            ):
+                # An opt-out or minimum set on the running domain applies at once.
+                other.vm.options = options_of(await self.source.domain_facts(event.domain.uuid))
 
     def sync(self, running: Iterable[lv.DomainRef]) -> None:
         """Make the sessions agree with the domains that run now."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from daemon import libvirt as lv
-from daemon.fleet import VMState
+from daemon.fleet import VMOptions, VMState
 from daemon.qmp.probe import keep_guest_stats
 from daemon.untrusted import one_line
 
@@ -58,9 +58,18 @@ def ram_layout(facts: lv.DomainFacts) -> tuple[str, list[dict[str, object]]] | N
     return "\n".join(rows), memdevs
 
 
+def options_of(facts: lv.DomainFacts) -> VMOptions:
+    """The VM's reclaim options from reclaimd's element in the domain's metadata."""
+    given = facts.options
+    if not given.present:
+        return VMOptions()
+    return VMOptions(given.reclaim, given.minimum_bytes, "libvirt metadata")
+
+
 def apply_facts(vm: VMState, facts: lv.DomainFacts) -> None:
     """Write what the domain XML says into the VM's record."""
     vm.uuid = facts.uuid
+    vm.options = options_of(facts)
     vm.qemu_name = one_line(facts.name, MAX_LABEL)
     vm.labels = facts.nova.labels() if facts.nova is not None else {}
     memory = vm.memory

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from daemon.libvirt import RECLAIMD_NS
 from tests.e2e.reclaimd_proc import ReclaimdProcess
 from tests.libvirt import domains
 from tests.libvirt.conftest import BootedDomain
@@ -162,6 +163,31 @@ def test_the_guest_agent_is_read_through_libvirt(rd: ReclaimdProcess, booted: Bo
     assert agent["path"].startswith("libvirt")
     assert agent["reporting_order"] is not None
     assert sum(agent["free_by_order_bytes"]) > 0
+
+
+def test_reclaimd_metadata_on_the_running_domain_applies_at_once(
+    rd: ReclaimdProcess, booted: BootedDomain, libvirtd: PrivateLibvirtd
+) -> None:
+    name = booted.spec.name
+
+    def advice() -> dict[str, Any]:
+        body: dict[str, Any] = rd.get(f"/api/v1/vms/{name}/advice")
+        return body
+
+    options = '<vm><reclaim enabled="no"/><minimum unit="MiB">200</minimum></vm>'
+    libvirtd.virsh("metadata", name, RECLAIMD_NS, "--key", "reclaimd", "--live", "--set", options)
+    set_ = rd.wait_for(
+        lambda: (a := advice())["options_source"] == "libvirt metadata" and a,
+        10,
+        "the domain's reclaimd metadata in its advice",
+    )
+    assert set_["reclaim"] is False
+    assert set_["minimum_bytes"] == 200 * MiB
+    libvirtd.virsh("metadata", name, RECLAIMD_NS, "--live", "--remove")
+    cleared = rd.wait_for(
+        lambda: (a := advice())["options_source"] is None and a, 10, "the metadata's removal"
+    )
+    assert cleared["reclaim"] is True and cleared["minimum_bytes"] is None
 
 
 def test_destroy_start_define_and_undefine(rd: ReclaimdProcess, libvirtd: PrivateLibvirtd) -> None:
