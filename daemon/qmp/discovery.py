@@ -1,18 +1,30 @@
 """Watched glob of QMP sockets: VMs appear and disappear as their sockets do.
 
-Polling the glob (every few seconds) rather than inotify keeps this portable and cheap: a glob
-of a few hundred sockets costs well under a millisecond.
+The glob is looked at every ``interval`` seconds (a glob of a few hundred sockets costs well
+under a millisecond), and at once when anything changes in the directory it starts from:
+inotify, through ``watchfiles``, so a new QEMU is attached as soon as its socket is there.
+Without inotify (a directory that does not exist yet, the watch limit reached) the looks on the
+interval still find everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
+import logging
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from watchfiles import awatch
+
 from daemon.untrusted import vm_name
+
+log = logging.getLogger(__name__)
+
+WATCH_RETRY = 10.0  # seconds before watching a directory again that could not be watched
 
 
 def vm_name_for(path: Path, taken: set[str]) -> str:
@@ -43,6 +55,16 @@ def sockets_matching(pattern: str) -> set[Path]:
     return found
 
 
+def watched_directory(pattern: str) -> tuple[Path, bool]:
+    """The directory a glob starts from (its deepest part without a wildcard), and whether a
+    match can lie deeper than its entries (a wildcard in a directory part)."""
+    parts = Path(pattern).parts
+    for i, part in enumerate(parts):
+        if re.search(r"[*?[]", part):
+            return Path(*parts[:i]), i < len(parts) - 1
+    return Path(pattern).parent, False
+
+
 class SocketWatcher:
     """Calls ``appeared(name, path)`` and ``vanished(name)`` as sockets come and go."""
 
@@ -70,6 +92,28 @@ class SocketWatcher:
             self.appeared(name, path)
 
     async def run(self) -> None:
+        changed = asyncio.Event()
+        watching = asyncio.create_task(self._watch(changed), name="socket-glob-inotify")
+        try:
+            while True:
+                self.scan()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.interval)
+                changed.clear()
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    async def _watch(self, changed: asyncio.Event) -> None:
+        """Set ``changed`` whenever something changes under the glob's directory."""
+        root, recursive = watched_directory(self.pattern)
         while True:
-            self.scan()
-            await asyncio.sleep(self.interval)
+            try:
+                async for _ in awatch(
+                    root, watch_filter=None, recursive=recursive, debounce=200, step=20
+                ):
+                    changed.set()
+            except (OSError, RuntimeError) as exc:  # not there yet, no inotify, watch limits
+                log.debug("not watching %s (%s): looking every %g s", root, exc, self.interval)
+            await asyncio.sleep(WATCH_RETRY)

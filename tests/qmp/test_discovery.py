@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
 from daemon.config import Settings
-from daemon.qmp.discovery import SocketWatcher, sockets_matching, vm_name_for
+from daemon.qmp.discovery import SocketWatcher, sockets_matching, vm_name_for, watched_directory
 from daemon.service import Reclaimd
 from tests.qmp.fake_qmp import FakeQMPServer, FakeVM
 from tests.qmp.test_session import eventually
@@ -78,3 +80,31 @@ async def test_the_daemon_attaches_vms_as_their_sockets_appear_and_forgets_them_
         await db1.stop()
     finally:
         await daemon.stop()
+
+
+def test_the_directory_a_glob_starts_from() -> None:
+    assert watched_directory("/run/qemu/*.qmp") == (Path("/run/qemu"), False)
+    assert watched_directory("/var/lib/libvirt/qemu/domain-*/monitor.sock") == (
+        Path("/var/lib/libvirt/qemu"),
+        True,
+    )
+    assert watched_directory("/run/qemu/web1.qmp") == (Path("/run/qemu"), False)
+
+
+async def test_a_new_socket_is_seen_at_once_not_at_the_next_look(sockdir: Path) -> None:
+    seen: list[str] = []
+    watcher = SocketWatcher(
+        str(sockdir / "*.qmp"),
+        appeared=lambda name, path: seen.append(name),
+        vanished=lambda name: None,
+        interval=60.0,  # the looks on the interval would find it only in a minute
+    )
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(1.0)  # the watch is set up
+        with bound(sockdir / "new.qmp"):
+            await eventually(lambda: seen == ["new"], 5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
