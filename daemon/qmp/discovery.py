@@ -25,6 +25,7 @@ from daemon.untrusted import vm_name
 log = logging.getLogger(__name__)
 
 WATCH_RETRY = 10.0  # seconds before watching a directory again that could not be watched
+MIN_RECURSIVE_PARTS = 3  # a recursive watch needs a root at least as deep as /run/qemu
 
 
 def vm_name_for(path: Path, taken: set[str]) -> str:
@@ -108,6 +109,10 @@ class SocketWatcher:
     async def _watch(self, changed: asyncio.Event) -> None:
         """Set ``changed`` whenever something changes under the glob's directory."""
         root, recursive = watched_directory(self.pattern)
+        if recursive and len(root.parts) < MIN_RECURSIVE_PARTS:
+            # "/*/qmp.sock" would watch the whole file system: the looks on the interval only.
+            log.info("not watching %s recursively: looking every %g s", root, self.interval)
+            return
         while True:
             try:
                 async for _ in awatch(
