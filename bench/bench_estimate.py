@@ -48,10 +48,14 @@ POLL = 2.0
 TRUTH_EVERY = 0.25
 
 
-def start_guests(vms: Path, ram: int, logs: Path) -> dict[str, GuestProcess]:
+def start_guests(
+    vms: Path, ram: int, logs: Path, workloads: tuple[str, ...] = WORKLOADS
+) -> dict[str, GuestProcess]:
     guests: dict[str, GuestProcess] = {}
     for agent in (True, False):
         for i, workload in enumerate(WORKLOADS):
+            if workload not in workloads:
+                continue  # the seed stays the workload's, whichever run it is in
             name = workload if agent else f"{workload}-noagent"
             spec = SimGuestSpec(
                 name=name,
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace, workdir: Path, tree: Path | None) -> dict[str,
     d = Daemon(workdir, str(vms / "*.qmp"), workdir / f"reclaimd-{time.time_ns()}.log", tree)
     guests: dict[str, GuestProcess] = {}
     try:
-        guests = start_guests(vms, args.ram, workdir)
+        guests = start_guests(vms, args.ram, workdir, args.workloads)
         d.wait_up(len(guests), 60)
         time.sleep(10)  # first stats, first scans, first agent reads
         return sample(d, guests, args.seconds, args.window)
@@ -139,11 +143,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0, help="sampling window")
     parser.add_argument("--ram", type=parse_size, default=256 * MiB)
     parser.add_argument(
+        "--workloads",
+        type=lambda text: tuple(w for w in text.split(",") if w),
+        default=WORKLOADS,
+        help=f"comma-separated, of {','.join(WORKLOADS)} (default: all)",
+    )
+    parser.add_argument(
         "--window", type=float, default=POLL + 1.0, help="how old inputs may be, seconds"
     )
     parser.add_argument("--baseline", metavar="REV", help="also run git revision REV's daemon")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if unknown := sorted(set(args.workloads) - set(WORKLOADS)):
+        parser.error(f"unknown workloads: {', '.join(unknown)}")
 
     workdir = Path(tempfile.mkdtemp(prefix="rd-est-"))
     runs: dict[str, dict[str, ErrorSeries]] = {}
