@@ -146,6 +146,8 @@ class Reconciler:
     # (stats time, pages) that frees added at or above the reporting order, for as long as
     # upstream may not have reported them yet: a fit must not count them as stranded.
     _recent_big: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    # Pages the host saw the guest touch that its stats did not show yet (see _replay).
+    _touched_ahead: int = 0
 
     # -- observing ------------------------------------------------------------------------------
 
@@ -183,6 +185,7 @@ class Reconciler:
         if agent.reporting_order is not None:
             self.reporting_order = agent.reporting_order
         self.split, self.at, self.source = split, moment.at, "agent"
+        self._touched_ahead = 0  # the guest's own read has them
         self.agent_skew = agent.at - moment.at
         self._last_agent_at = agent.at
 
@@ -203,12 +206,23 @@ class Reconciler:
             self.at, self.source = moment.at, "modelled"
             return
         change = free - sum(self.split)
-        allocated = max(moment.allocated_pages, -change, 0)
+        # The host scans between the guest's stats pushes, so it can see an allocation a push
+        # before the stats do: touches beyond what free memory fell by wait a moment for the
+        # stats. What the next push still does not show was touched and freed again (a busy
+        # guest does both at once): a free, one moment late. Counted at once, a lagging push
+        # would look like a free, and teach the fit that freed memory is rarely reported.
+        drop = max(0, -change)
+        carried = self._touched_ahead
+        shown = min(carried, drop)
+        touched_now = min(moment.allocated_pages, drop - shown)
+        self._touched_ahead = moment.allocated_pages - touched_now
+        touched = carried + touched_now  # the carried part not shown now: touched, then freed
+        allocated = max(touched, drop)
         freed = allocated + change
         # What the host saw the guest touch came from free memory it did not back: reported
         # or never-touched blocks, at or above the reporting order. The rest of the guest's
         # allocations reused resident free memory, smallest blocks first.
-        from_big = min(moment.allocated_pages, allocated)
+        from_big = min(touched, allocated)
         split = _take_from_large(self.split, from_big, self.reporting_order)
         if allocated > from_big:
             split = allocate(split, allocated - from_big, self.alloc_order)

@@ -162,3 +162,19 @@ def test_a_fit_leaves_blocks_freed_within_the_reporting_delay_reportable() -> No
     assert state.verdict == "effective", state.evidence
     assert state.pending_pages >= big // 2 > 0
     assert sum(state.by_order_pages[9:]) == absent + state.pending_pages
+
+
+def test_touches_the_stats_show_a_push_later_are_not_frees() -> None:
+    # The host sees the guest take 100 MiB of reported memory before the stats show free memory
+    # fall: a moment later they do. Nothing was freed, so nothing new is pending.
+    r = Reconciler()
+    r.observe(moment(0, 200 * MiB, absent=150 * MiB, discarded=150 * MiB))
+    state = r.observe(moment(2, 200 * MiB, absent=50 * MiB, allocated_pages=100 * MiB))
+    assert state.report_due_at is None and r._freed_since_fit == 0
+    state = r.observe(moment(4, 100 * MiB, absent=50 * MiB))
+    assert sum(state.by_order_pages) == 100 * MiB
+    assert state.report_due_at is None and r._freed_since_fit == 0
+    # Touched and not shown by the next push either: the guest freed as much meanwhile.
+    r.observe(moment(6, 100 * MiB, absent=30 * MiB, allocated_pages=20 * MiB))
+    r.observe(moment(8, 100 * MiB, absent=30 * MiB))
+    assert r._freed_since_fit == 20 * MiB
