@@ -11,7 +11,8 @@ observes, in time order:
 - between such reads, and without an agent, the guest's free memory over time (guest stats)
   and what the host saw the guest allocate (refaults, first touches) are replayed into the
   allocator at the level of orders (``daemon.model.allocate`` / ``release``):
-  ``source = "modelled"``. Where freed memory merges to (``profile``) is learnt from the agent
+  ``source = "modelled"`` (touches the host sees before the stats show them wait a moment
+  for the stats, rather than being taken for frees). Where freed memory merges to (``profile``) is learnt from the agent
   when there is one, and else from what reporting returned: upstream reports every free block
   at or above the reporting order within a few passes, so once a prediction's time has passed
   the reportable part is known to be what the host saw discarded, and the split is corrected
