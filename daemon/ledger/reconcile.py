@@ -12,11 +12,12 @@ observes, in time order:
   and what the host saw the guest allocate (refaults, first touches) are replayed into the
   allocator at the level of orders (``daemon.model.allocate`` / ``release``):
   ``source = "modelled"`` (touches the host sees before the stats show them wait a moment
-  for the stats, rather than being taken for frees). Where freed memory merges to (``profile``) is learnt from the agent
-  when there is one, and else from what reporting returned: upstream reports every free block
-  at or above the reporting order within a few passes, so once a prediction's time has passed
-  the reportable part is known to be what the host saw discarded, and the split is corrected
-  to that (the residual says by how much it was off).
+  for the stats, rather than being taken for frees). Where freed memory merges to
+  (``profile``) is learnt from the agent when there is one, and else from what reporting
+  returned: upstream reports every free block at or above the reporting order within a few
+  passes, so once a prediction's time has passed the reportable part is known to be what the
+  host saw discarded, and the split is corrected to that (the residual says by how much it
+  was off).
 
 It also predicts what upstream reporting returns and when (2 s delay, capacity 32, a budget per
 pass, at the guest's reporting order), holds the prediction against what the host then saw
