@@ -123,10 +123,7 @@ class Reclaimd:
         # One thread scans for all VMs (see daemon.vmcycle for why only one).
         self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reclaimd-scan")
         for vm in self.settings.vm:
-            added = self.add_vm(
-                vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid, agent=vm.agent
-            )
-            added.options = VMOptions(vm.reclaim, vm.balloon_min_bytes, "config")
+            self.add_vm(vm.name, Address.parse(vm.address), vm.mode, pid=vm.pid, agent=vm.agent)
         if self.settings.socket_glob:
             watcher = SocketWatcher(
                 self.settings.socket_glob,
@@ -325,6 +322,9 @@ class Reclaimd:
         self.remove_vm(name)
         vm = self._track(name, str(address), mode)
         vm.pid = pid
+        for configured in self.settings.vm:  # a [[vm]] of that name says how to reclaim it
+            if configured.name == name:
+                vm.options = VMOptions(configured.reclaim, configured.balloon_min_bytes, "config")
         kind = PollSession if mode == "poll" else Session
         session = kind(vm, self.settings, journal, address=address, cycle=self._cycle(vm, agent))
         self.sessions[name] = session

@@ -68,22 +68,43 @@ async def test_act_inflates_in_bounded_steps_to_the_advice_and_journals_each(
         assert guest.spec.socket is not None
         vm = daemon.add_vm("rc", Address("unix", path=str(guest.spec.socket)))
         before = RECLAIM_ACTIONS.labels("inflate", "advice")._value.get()
+
+        # Two steps: two inflations, or one the squeezed guest answered with pressure.
         await eventually(lambda: len(controller_steps(daemon)) >= 2, 60)
         steps = controller_steps(daemon)
+        inflations = [s for s in steps if s["action"] == "inflate"]
+        assert inflations, steps
         for step in steps:
-            assert step["action"] == "inflate" and step["reason"] == "advice"
             actual, target = step["actual_bytes"], step["target_bytes"]
             assert isinstance(actual, int) and isinstance(target, int)
+            if step["action"] == "deflate":
+                # The squeezed cache made the guest fault: the controller gave memory back.
+                assert step["reason"] in ("pressure", "near_margin")
+                assert target > actual
+                continue
+            assert step["action"] == "inflate" and step["reason"] == "advice"
             assert 0 < actual - target <= 32 * MiB  # bounded
             assert step["expected_gain_bytes"] is not None
             assert step["pressure"] == []
         assert vm.advice is not None and vm.advice.floor_bytes is not None
         assert vm.balloon.target_bytes is not None
         assert vm.balloon.target_bytes >= vm.advice.floor_bytes
-        assert RECLAIM_ACTIONS.labels("inflate", "advice")._value.get() >= before + 2
-        await eventually(lambda: (vm.balloon.actual_bytes or RAM) < RAM, 10)
+        counted = RECLAIM_ACTIONS.labels("inflate", "advice")._value.get()
+        assert counted >= before + len(inflations)
+        # The guest's balloon followed: QEMU reported it smaller than the RAM.
+        await eventually(lambda: min(balloon_actuals(daemon), default=RAM) < RAM, 10)
     finally:
         await daemon.stop()
+
+
+def balloon_actuals(daemon: Reclaimd) -> list[int]:
+    assert daemon.journal is not None
+    entries = daemon.journal.entries("rc", since=None, before_id=None, limit=1000)
+    return [
+        int(e.data["actual"])
+        for e in entries
+        if e.kind == "event" and e.name == "BALLOON_CHANGE" and "actual" in (e.data or {})
+    ]
 
 
 async def test_advise_only_logs_what_it_would_do(

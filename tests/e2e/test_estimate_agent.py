@@ -114,20 +114,26 @@ def test_reporting_off_strands_all_free_memory_even_in_large_blocks(
     def freed_and_read() -> dict[str, Any] | None:
         # The split is the agent's read: one made before the free still shows the 200 MiB in
         # use, whatever the stats say since (the agent is re-read when free memory moves).
+        # The stats are scaled to, so they too must be of after the free (whole-second stamps).
         vm = rd.get("/api/v1/vms/ao")
         estimate = vm["estimate"]
         free_resident = estimate["components"]["free_resident"]["bytes"] or 0
         read_after = (vm["agent"]["at"] or 0) > freed_at
-        return estimate if free_resident > 150 * MiB and read_after else None
+        stats_after = ((vm["guest_stats"] or {}).get("last_update") or 0) >= freed_at + 1
+        by_order = {row["order"]: row["returned_bytes"] for row in estimate["by_order"]}
+        # Yet the guest has it in large blocks: the what-if at its order says what reporting
+        # would return.
+        big = by_order.get(9, 0) > 150 * MiB
+        settled = free_resident > 150 * MiB and read_after and stats_after and big
+        return estimate if settled else None
 
-    estimate = rd.wait_for(freed_and_read, 20, "the freed memory free, resident and read")
+    estimate = rd.wait_for(
+        freed_and_read, 30, "inputs of after the free, and the what-if at order 9 to show it"
+    )
     c = estimate["components"]
     assert c["reportable"]["bytes"] == 0
     assert c["stranded"]["bytes"] == c["free_resident"]["bytes"]
     assert c["stranded"]["reason"].startswith("free page reporting is off")
-    # Yet the guest has it in large blocks: the what-if at its order says what reporting would.
-    by_order = {row["order"]: row for row in estimate["by_order"]}
-    assert by_order[9]["returned_bytes"] > 150 * MiB
 
 
 def test_page_poisoning_makes_reporting_ineffective(
