@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -23,12 +24,15 @@ async def get_advice(vm: VMDep) -> AdviceOut:
     it is the controller's, when configured)."""
     advice = vm.advice
     opts = vm.options
+    options: dict[str, Any] = {
+        "reclaim": opts.reclaim,
+        "minimum_bytes": opts.minimum_bytes,
+        "options_source": opts.source,
+    }
     if advice is None:
         return AdviceOut(
             vm=vm.name,
-            reclaim=opts.reclaim,
-            minimum_bytes=opts.minimum_bytes,
-            options_source=opts.source,
+            **options,
             at=None,
             target_bytes=None,
             expected_gain_bytes=0,
@@ -40,10 +44,4 @@ async def get_advice(vm: VMDep) -> AdviceOut:
         )
     body = asdict(advice)
     body["pressure"] = PressureOut(**body["pressure"])
-    return AdviceOut(
-        vm=vm.name,
-        **body,
-        reclaim=opts.reclaim,
-        minimum_bytes=opts.minimum_bytes,
-        options_source=opts.source,
-    )
+    return AdviceOut(vm=vm.name, **body, **options)
