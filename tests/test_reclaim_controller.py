@@ -131,14 +131,14 @@ async def test_a_vm_opted_out_in_the_config_is_left_alone_and_keeps_its_minimum(
 ) -> None:
     assert guest.spec.socket is not None
     configured = VMConfig(
-        name="rc", address=f"unix:{guest.spec.socket}", reclaim=False, balloon_min_bytes=200 * MiB
+        name="rc", address=f"unix:{guest.spec.socket}", reclaim=False, balloon_min_bytes=128 * MiB
     )
     daemon = Reclaimd(reclaim_settings(settings, "act").model_copy(update={"vm": [configured]}))
     await daemon.start()
     try:
         vm = daemon.fleet.get("rc")
         assert vm is not None
-        assert vm.options == VMOptions(False, 200 * MiB, "config")
+        assert vm.options == VMOptions(False, 128 * MiB, "config")
         # The advice is given all the same, above the VM's own minimum, and says inflate.
         await eventually(
             lambda: (
@@ -149,7 +149,7 @@ async def test_a_vm_opted_out_in_the_config_is_left_alone_and_keeps_its_minimum(
             60,
         )
         assert vm.advice is not None and vm.advice.floor_bytes is not None
-        assert vm.advice.floor_bytes >= 200 * MiB
+        assert vm.advice.floor_bytes >= 128 * MiB
         assert await daemon.reclaim_once(host_use=1.0) == []
         # The same VM without the opt-out is stepped towards the advice.
         vm.options = VMOptions()
