@@ -240,8 +240,14 @@ class Reconciler:
         # Allocation could not be served from orders at or above alloc_order: whatever is left
         # below it must go too, so the split never claims more than the guest has free.
         split = _scaled(split, free)
-        # Host-absent free memory is in blocks at least as large as what reported them.
-        split = _hold_at_least(split, moment.absent_free_pages, self.reporting_order)
+        # Host-absent free memory is in blocks at least as large as what reported them, and so
+        # is what frees added there too recently for upstream to have reported it yet: in a
+        # guest that allocates and frees at once, free memory stays level and only this says
+        # that some of it waits for a report.
+        unreported = min(free - moment.absent_free_pages, self._unreported_recent(moment))
+        split = _hold_at_least(
+            split, moment.absent_free_pages + max(0, unreported), self.reporting_order
+        )
         if self.source == "agent" and (change or allocated):
             self.source = "modelled"  # moved on from the agent's read
         self.split, self.at = split, moment.at
@@ -409,15 +415,19 @@ class Reconciler:
         if freed >= PREDICT_MIN_PAGES:
             share = min(1.0, max(0.0, discarded / freed))
             self.reportable_share += LEARN_RATE * (share - self.reportable_share)
-        # Blocks freed since the host's scan less the reporting delay are not reported yet:
-        # upstream waits that long after a free before it reports. They stay large.
-        seen_at = moment.host_at if moment.host_at is not None else moment.at
-        since = seen_at - PAGE_REPORTING_DELAY - REPORT_PASS_SECONDS
-        self._recent_big = [(at, pages) for at, pages in self._recent_big if at > since]
-        pending = sum(pages for _, pages in self._recent_big)
+        pending = self._unreported_recent(moment)
         self.split = _hold_at_most(
             self.split, min(big_now, observed_big + pending, moment.free_pages), order
         )
+
+    def _unreported_recent(self, moment: Moment) -> int:
+        """What frees added at or above the reporting order since the host's scan less the
+        reporting delay: upstream waits that long after a free before it reports, so these
+        blocks are large and still backed."""
+        seen_at = moment.host_at if moment.host_at is not None else moment.at
+        since = seen_at - PAGE_REPORTING_DELAY - REPORT_PASS_SECONDS
+        self._recent_big = [(at, pages) for at, pages in self._recent_big if at > since]
+        return sum(pages for _, pages in self._recent_big)
 
     def _state(self, moment: Moment) -> FreeState:
         assert self.split is not None and self.at is not None

@@ -178,3 +178,23 @@ def test_touches_the_stats_show_a_push_later_are_not_frees() -> None:
     r.observe(moment(6, 100 * MiB, absent=30 * MiB, allocated_pages=20 * MiB))
     r.observe(moment(8, 100 * MiB, absent=30 * MiB))
     assert r._freed_since_fit == 20 * MiB
+
+
+def test_a_guest_that_frees_as_much_as_it_takes_has_memory_pending_a_report() -> None:
+    # Free memory stays level at 200 MiB: each moment the guest takes 20 MiB of reported memory
+    # (the host sees it touched) and frees as much, which upstream reports a pass later. What
+    # it freed in the last moment is still backed: pending, not stranded.
+    r = Reconciler()
+    r.observe(moment(0, 200 * MiB, absent=150 * MiB, discarded=150 * MiB))
+    for step in range(1, 8):
+        state = r.observe(
+            moment(
+                2 * step,
+                200 * MiB,
+                absent=130 * MiB,
+                discarded=(150 + 20 * step) * MiB,
+                allocated_pages=20 * MiB,
+            )
+        )
+        assert state.pending_pages <= 200 * MiB - 130 * MiB
+    assert 5 * MiB <= state.pending_pages <= 20 * MiB
