@@ -235,15 +235,17 @@ class SocketTransport:
         try:
             async with asyncio.timeout(timeout):
                 return await client.execute(name, dict(arguments) if arguments else None)
-        except TimeoutError:
+        except TimeoutError as exc:
             await self._drop(client)
-            raise AgentTimeout(f"{name}: no reply within {timeout:g} s") from None
+            raise AgentTimeout(f"{name}: no reply within {timeout:g} s") from exc
         except ExecuteError as exc:
-            raise command_error(name, exc.error_class, str(exc)) from None
+            raise command_error(name, exc.error_class, str(exc)) from exc
         except (QMPError, OSError, EOFError, ValueError) as exc:
             # The reader's own error (EOF, bad JSON, a line over the limit) is the cause.
-            cause = await self._drop(client)
-            raise _stream_error(name, cause or exc, self.read_limit) from None
+            cause = await self._drop(client) or exc
+            error = _stream_error(name, cause, self.read_limit)
+            # An agent error met in the chain keeps the cause it has.
+            raise error from (error.__cause__ if error in _chain(cause) else cause)
         except BaseException:
             # Cancelled mid-command: a reply may still come, so the stream is out of step.
             self._abandon(client)

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from qemu.qmp import ExecuteError
 
 from daemon.agent.errors import (
     AgentTimeout,
@@ -122,6 +123,9 @@ async def test_blocked_and_failed_commands(
     with pytest.raises(CommandFailed, match="has not been found") as failed:
         await transport.command("guest-file-read", {"handle": 7, "count": 10}, 1.0)
     assert failed.value.error_class == "GenericError"
+    # The agent's error reply stays the cause.
+    assert isinstance(failed.value.__cause__, ExecuteError)
+    assert isinstance(blocked.value.__cause__, ExecuteError)
     # Error replies leave the connection as it was.
     assert transport.connected and agent.connections == 1
     await transport.close()
@@ -142,8 +146,9 @@ async def test_replies_that_break_the_protocol(
 ) -> None:
     agent = await fake_agent(behaviour=Behaviour(override={"guest-ping": lambda _: reply}))
     transport = transport_to(agent.path, **FAST)
-    with pytest.raises(BadReply, match=why):
+    with pytest.raises(BadReply, match=why) as caught:
         await transport.command("guest-ping", None, 1.0)
+    assert caught.value.__cause__ is not None  # the reader's own error
     # A fresh connection (with its own sync) serves the next command.
     assert (await transport.command("guest-info", None, 1.0))["version"] == "7.2.22"
     assert agent.connections == 2
