@@ -49,6 +49,7 @@ REQUESTS = {
 def peer(socket: Path, rate: int) -> int:
     """Serve QMP on ``socket``; flood between SIGUSR1 and SIGUSR2; print the count on SIGTERM."""
     sys.path.insert(0, str(ROOT))
+    from daemon.model.constants import PAGE_SIZE
     from tests.qmp.fake_qmp import FakeQMPServer, FakeVM, encode, event
 
     async def serve() -> int:
@@ -64,7 +65,7 @@ def peer(socket: Path, rate: int) -> int:
         # Encoded once: the peer's own CPU is not what is measured, and the machine is small.
         chunks = [
             b"".join(
-                encode(event("BALLOON_CHANGE", {"actual": (c * per_tick + i) * 4096})).encode()
+                encode(event("BALLOON_CHANGE", {"actual": (c * per_tick + i) * PAGE_SIZE})).encode()
                 + b"\r\n"
                 for i in range(per_tick)
             )

@@ -45,12 +45,12 @@ from daemon.guest_stats import GuestStats
 from daemon.ledger.advice import PressureWatch, advise
 from daemon.ledger.estimate import Component, Estimate, margin_for
 from daemon.ledger.reclaim import ReclaimController, ReclaimPolicy
+from daemon.model.constants import PAGE_SIZE
 from daemon.simguest.guest import SimGuestSpec
 from daemon.simguest.guestos import ModelGuestOS
 from daemon.simguest.truth import components
 
 MiB = 1 << 20
-PAGE = 4096
 CYCLE = 10.0  # seconds of guest time between controller cycles (pvestatd, MOM: 10 s)
 STEP = 0.25  # guest time per model step
 BALLOON_BYTES_PER_SECOND = 256 * MiB
@@ -70,7 +70,7 @@ class TruthRAM:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.npages = size // PAGE
+        self.npages = size // PAGE_SIZE
         self.backed = np.zeros(self.npages, dtype=bool)
         self.touched = np.zeros(self.npages, dtype=bool)
 
@@ -97,7 +97,7 @@ class VM:
 
     @property
     def actual(self) -> int:
-        return self.ram_bytes - len(self.guest.sim.balloon) * PAGE
+        return self.ram_bytes - len(self.guest.sim.balloon) * PAGE_SIZE
 
     def stats(self, t: float) -> GuestStats:
         return replace(self.guest.stats(), last_update=t)
@@ -121,13 +121,13 @@ def boot(seed: int) -> list[VM]:
 
 
 def host_use(vms: list[VM], host_total: int, base: int) -> float:
-    resident = sum(int(vm.ram.backed.sum()) * PAGE for vm in vms)
+    resident = sum(int(vm.ram.backed.sum()) * PAGE_SIZE for vm in vms)
     return (base + resident) / host_total
 
 
 def set_target(vm: VM, target: int) -> None:
-    target = max(PAGE, min(vm.ram_bytes, target))
-    if abs(target - vm.target) >= PAGE:
+    target = max(PAGE_SIZE, min(vm.ram_bytes, target))
+    if abs(target - vm.target) >= PAGE_SIZE:
         vm.target = target
         vm.ops += 1
 
@@ -234,13 +234,13 @@ def run(name: str, minutes: float, seed: int) -> dict[str, object]:
         for _ in range(int(CYCLE / STEP)):
             for vm in vms:
                 vm.guest.advance(STEP)
-                target_pages = (vm.ram_bytes - vm.target) // PAGE
-                budget = int(BALLOON_BYTES_PER_SECOND * STEP) // PAGE
+                target_pages = (vm.ram_bytes - vm.target) // PAGE_SIZE
+                budget = int(BALLOON_BYTES_PER_SECOND * STEP) // PAGE_SIZE
                 vm.guest.balloon_toward(target_pages, budget)
         t += CYCLE
         returned = 0
         for vm in vms:
-            returned += vm.ram_bytes - int(vm.ram.backed.sum()) * PAGE
+            returned += vm.ram_bytes - int(vm.ram.backed.sum()) * PAGE_SIZE
             s = vm.guest.stats()
             now = (s.swap_in_bytes or 0, s.alloc_stalls or 0, s.oom_kills or 0)
             if any(a > b for a, b in zip(now, vm.last, strict=True)):

@@ -42,8 +42,8 @@ from daemon.host.residency import (
     scan_seek_data,
 )
 from daemon.ledger.diff import diff
+from daemon.model.constants import PAGE_SIZE
 
-PAGE = 4096
 GiB = 1 << 30
 MiB = 1 << 20
 MAP_NORESERVE = 0x4000
@@ -64,7 +64,7 @@ def _sparse_pages(npages: int, seed: int = 7) -> np.ndarray:
 
 def _touch(m: mmap.mmap, pages: np.ndarray) -> None:
     view = np.frombuffer(m, dtype=np.uint8)
-    view[pages * PAGE] = 1
+    view[pages * PAGE_SIZE] = 1
     del view
 
 
@@ -115,7 +115,7 @@ def main() -> None:
 
     # Sparse 64 GiB, anonymous.
     size = 64 * GiB
-    npages = size // PAGE
+    npages = size // PAGE_SIZE
     sparse = _sparse_pages(npages)
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     m.madvise(mmap.MADV_NOHUGEPAGE)
@@ -155,7 +155,7 @@ def main() -> None:
 
     # Dense and fragmented 512 MiB.
     size = 512 * MiB
-    npages = size // PAGE
+    npages = size // PAGE_SIZE
     for case, pages in (
         ("dense 512 MiB anonymous", np.arange(npages)),
         ("fragmented 512 MiB anonymous", np.arange(0, npages, 2)),

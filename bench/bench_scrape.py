@@ -36,10 +36,10 @@ from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.ledger.estimate import Component, Estimate
 from daemon.ledger.ranges import LedgerSummary
 from daemon.ledger.status import HostStatus
+from daemon.model.constants import PAGE_SIZE
 
 MiB = 1 << 20
 GiB = 1 << 30
-PAGE = 4096
 NOW = 1_800_000_000.0
 EVENTS = ("BALLOON_CHANGE", "RESUME", "STOP", "RTC_CHANGE")
 RECLAIM_COMPONENTS = (
@@ -59,7 +59,7 @@ def fleet_of(count: int, seed: int = 1) -> Fleet:
     rand = random.Random(seed)
 
     def pages(low: int, high: int) -> int:
-        return rand.randrange(low // PAGE, high // PAGE) * PAGE
+        return rand.randrange(low // PAGE_SIZE, high // PAGE_SIZE) * PAGE_SIZE
 
     fleet = Fleet()
     for i in range(count):

@@ -35,9 +35,7 @@ import numpy as np
 
 from daemon.host import bitmap
 from daemon.host.bitmap import Bits
-from daemon.model.constants import PAGE_SIZE
-
-PAGE_SHIFT = 12
+from daemon.model.constants import PAGE_SHIFT, PAGE_SIZE
 
 # include/uapi/linux/fs.h
 PAGE_IS_PRESENT = 1 << 3

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .constants import PAGE_SIZE
 from .costs import OpCosts
 from .engines import ENGINES
 from .overhead import overhead
@@ -143,7 +144,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
                 str(c["hints_lost"]),
                 str(c["reallocated_before_host"]),
                 str(h["blocks_reported_again"]),
-                f"{h['refaults'] * 4096 / 2**20:.0f}",
+                f"{h['refaults'] * PAGE_SIZE / 2**20:.0f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -29,10 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from daemon.model import Simulation
-from daemon.model.constants import MIGRATE_MOVABLE
+from daemon.model.constants import MIGRATE_MOVABLE, PAGE_ALLOC_COSTLY_ORDER
 
-#: Above this order the kernel never invokes the OOM killer (mm/page_alloc.c).
-PAGE_ALLOC_COSTLY_ORDER = 3
 #: Swap device size when the guest has no other: an eighth of RAM, a common small swap file.
 SWAP_FRACTION = 0.125
 #: Share of the swapped-out working set touched (and so swapped in) per second.

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from daemon.model.constants import PAGE_SIZE
+from daemon.model.constants import NR_PAGE_ORDERS, PAGE_SIZE
 
 FORMAT = 1
 BLOCK_BYTES = 2 << 20  # pageblock_order 9: the granule of the per-block counts
@@ -104,7 +104,7 @@ def returned_by_order(pages: PageStates) -> list[int]:
     """Per order: the resident free memory reporting at that order would return (bytes)."""
     resident = pages.free & pages.resident
     orders = pages.free_order[resident]
-    return [int(np.count_nonzero(orders >= o)) * PAGE_SIZE for o in range(11)]
+    return [int(np.count_nonzero(orders >= o)) * PAGE_SIZE for o in range(NR_PAGE_ORDERS)]
 
 
 def per_block(mask: Bools) -> list[int]:

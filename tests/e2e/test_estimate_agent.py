@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from daemon.model.constants import PAGE_SIZE
 from daemon.testguest import QemuGuestSpec, RunningGuest, fields
 from tests.e2e.conftest import BootGuest
 from tests.e2e.reclaimd_proc import ReclaimdProcess
@@ -16,7 +17,6 @@ from tests.e2e.reclaimd_proc import ReclaimdProcess
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-PAGE = 4096
 POLL = 1.0
 
 
@@ -51,7 +51,7 @@ def shell_split(guest: RunningGuest) -> list[int]:
     for counts in fields(guest.send("buddyinfo")).values():
         for order, count in enumerate(counts.split(",")):
             total[order] += int(count) << order
-    return [pages * PAGE for pages in total]
+    return [pages * PAGE_SIZE for pages in total]
 
 
 def test_the_split_is_the_guests_own_and_reporting_is_predicted_in_time(

@@ -11,9 +11,9 @@ from daemon.guest_stats import GuestStats
 from daemon.ledger.estimate import Estimate, estimate
 from daemon.ledger.ranges import LedgerSummary
 from daemon.ledger.reconcile import FreeState
+from daemon.model.constants import NR_PAGE_ORDERS, PAGE_SIZE
 
 MiB = 1 << 20
-PAGE = 4096
 RAM = 1024 * MiB
 NOW = 1_000_000.0
 
@@ -45,9 +45,9 @@ def split_of(small: int, big: int, order: int = 9) -> tuple[int, ...]:
     """Free pages per order: ``small`` bytes spread evenly below ``order``, ``big`` at 10."""
     pages = [0] * 11
     for o in range(order):
-        pages[o] = small // PAGE // order
-    pages[0] += small // PAGE - sum(pages)
-    pages[10] = big // PAGE
+        pages[o] = small // PAGE_SIZE // order
+    pages[0] += small // PAGE_SIZE - sum(pages)
+    pages[10] = big // PAGE_SIZE
     return tuple(pages)
 
 
@@ -66,7 +66,7 @@ def free_state(
         residual_pages=1024,
         residual_at=NOW - 30,
         agent_skew_seconds=None,
-        pending_pages=pending // PAGE,
+        pending_pages=pending // PAGE_SIZE,
         pending_since=NOW - 2 if pending else None,
         report_due_at=NOW + 2 if pending else None,
         verdict=verdict,  # type: ignore[arg-type]
@@ -104,7 +104,7 @@ def test_observed_components() -> None:
     assert c["reportable"] == 0 and c["stranded"] == 200 * MiB
     assert c["reclaimable"] == 400 * MiB - e.margin_bytes
     assert e.components["stranded"].source == "modelled"
-    assert e.components["stranded"].residual_bytes == 1024 * PAGE
+    assert e.components["stranded"].residual_bytes == 1024 * PAGE_SIZE
     assert e.verdict == "effective" and e.reporting_effective is True
     assert e.inputs.stats_at == NOW - 1 and e.inputs.skew_seconds == 0
 
@@ -178,14 +178,18 @@ def test_what_if_every_order_from_the_split() -> None:
     assert [r.order for r in e.by_order] == list(range(11))
     assert rows[9].returned_bytes == rows[10].returned_bytes == 0  # reported already
     assert rows[0].returned_bytes == 200 * MiB  # at order 0, all free memory is reportable
-    assert abs(rows[5].returned_bytes - 200 * MiB * 4 / 9) < 8 * PAGE
+    assert abs(rows[5].returned_bytes - 200 * MiB * 4 / 9) < 8 * PAGE_SIZE
     lower = e.what_if(5)
     assert lower.extra_reportable_bytes == rows[5].returned_bytes
     assert e.what_if(9).extra_reportable_bytes == 0
 
 
 sizes = st.integers(min_value=0, max_value=4 * RAM)
-split_pages = st.lists(st.integers(min_value=0, max_value=RAM // PAGE), min_size=11, max_size=11)
+split_pages = st.lists(
+    st.integers(min_value=0, max_value=RAM // PAGE_SIZE),
+    min_size=NR_PAGE_ORDERS,
+    max_size=NR_PAGE_ORDERS,
+)
 
 
 @given(
