@@ -13,9 +13,8 @@ from api.metrics import fleet_exposition
 from daemon.fleet import Fleet, SessionState
 from daemon.guest_stats import GuestStats
 from daemon.ledger.advice import Advice, Pressure
-from daemon.ledger.estimate import Component, Estimate, OrderRow
-from daemon.ledger.ranges import LedgerSummary
-from daemon.ledger.status import HostStatus
+from daemon.ledger.estimate import Component, OrderRow
+from tests.fleets import estimated, running_vm, scanned
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.prom"
 MiB = 1 << 20
@@ -24,16 +23,14 @@ NOW = 1_800_000_000.0
 
 def known_fleet() -> Fleet:
     fleet = Fleet()
-    web = fleet.add("web1", "unix:/run/qemu/web1.qmp", "connect")
-    web.set_session_state(SessionState.RUNNING)
-    web.uuid, web.qemu_version, web.running = "5f1d9f5c-0000-4000-8000-000000000001", "7.2.22", True
-    web.memory.base_bytes, web.memory.plugged_bytes = 2048 * MiB, 0
-    web.balloon.present, web.balloon.actual_bytes, web.balloon.target_bytes = (
-        True,
-        1536 * MiB,
-        1536 * MiB,
+    web = running_vm(
+        fleet,
+        "web1",
+        uuid="5f1d9f5c-0000-4000-8000-000000000001",
+        qemu_version="7.2.22",
+        ram=2048 * MiB,
+        actual=1536 * MiB,
     )
-    web.balloon.free_page_reporting, web.balloon.deflate_on_oom = True, False
     web.guest_stats = GuestStats(
         last_update=NOW - 3,
         free_bytes=700 * MiB,
@@ -46,32 +43,20 @@ def known_fleet() -> Fleet:
         minor_faults=34567,
     )
     web.event_counts = {"BALLOON_CHANGE": 3, "RESUME": 1}
-    web.host = HostStatus(
-        available=True,
-        problem=None,
-        problem_detail=None,
-        reporting_effective=True,
-        scan_interval_seconds=1.0,
-        ledger=LedgerSummary(
-            at=NOW - 1,
-            scans=10,
-            covered_bytes=2048 * MiB,
-            backed_bytes=900 * MiB,
-            resident_bytes=900 * MiB,
-            reported_bytes=500 * MiB,
-            ballooned_bytes=512 * MiB,
-            unexplained_bytes=0,
-            unattributed_bytes=136 * MiB,
-            reported_bytes_total=640 * MiB,
-            discarded_bytes_total=640 * MiB,
-            ballooned_bytes_total=512 * MiB,
-            unexplained_bytes_total=0,
-            refaulted_bytes_total=140 * MiB,
-            refaulted_reported_bytes_total=140 * MiB,
-            first_touch_bytes_total=0,
-            ranges_total=7,
-            last_reported_at=NOW - 5,
-        ),
+    web.host = scanned(
+        at=NOW - 1,
+        scans=10,
+        ram=2048 * MiB,
+        resident=900 * MiB,
+        reported=500 * MiB,
+        ballooned=512 * MiB,
+        unattributed=136 * MiB,
+        reported_total=640 * MiB,
+        discarded_total=640 * MiB,
+        refaulted_total=140 * MiB,
+        refaulted_reported_total=140 * MiB,
+        ranges_total=7,
+        last_reported_at=NOW - 5,
     )
     observed = {
         "ballooned": 512 * MiB,
@@ -81,13 +66,10 @@ def known_fleet() -> Fleet:
         "stranded": 200 * MiB,
         "cache": 300 * MiB,
     }
-    web.estimate = Estimate(
+    web.estimate = estimated(
         at=NOW,
-        ram_bytes=2048 * MiB,
-        margin_bytes=102 * MiB,
-        reporting_enabled=True,
-        reporting_effective=True,
-        reporting_note=None,
+        ram=2048 * MiB,
+        margin=102 * MiB,
         components={
             **{name: Component(value, "observed", 1.0) for name, value in observed.items()},
             "reclaimable": Component(None, "modelled", None, "guest stats are stale"),
