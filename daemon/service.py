@@ -81,6 +81,8 @@ class Reclaimd:
         self.journal: Journal | None = None
         self.sessions: dict[str, SessionBase] = {}
         self._cycles: dict[str, VMCycle] = {}
+        self._moving = 0  # VMs whose host view moved at their last look (see _scan_budget_share)
+        self._moving_counted_at = -1.0
         self._session_tasks: dict[str, asyncio.Task[None]] = {}
         self._intake_tasks: list[asyncio.Task[None]] = []
         self._listener: Listener | None = None
@@ -303,8 +305,13 @@ class Reclaimd:
         return max(AGENT_DRIFT_EVERY, len(self.fleet) / AGENT_READS_PER_SECOND)
 
     def _scan_budget_share(self) -> float:
-        # The daemon-wide scan budget is shared by all VMs.
-        return self.settings.scan_budget / max(1, len(self.fleet))
+        # The daemon-wide scan budget is shared by the VMs whose host view moves: the others
+        # are looked at without a scan (VMCycle), for next to nothing. Counted once a second.
+        now = time.monotonic()
+        if now - self._moving_counted_at >= 1.0:
+            self._moving_counted_at = now
+            self._moving = sum(1 for c in self._cycles.values() if c.moving)
+        return self.settings.scan_budget / max(1, self._moving)
 
     def add_vm(
         self,

@@ -58,6 +58,7 @@ REPORT_LOOK_AFTER = 0.3  # seconds after a predicted report that the host looks
 REPORT_LOOK_EVERY = 1.0  # and then every this many seconds
 REPORT_LOOK_WINDOW = 6.0  # for this long after it (a pass or two late is "slow")
 MAX_REPORT_WAIT = 30.0  # a prediction further ahead is looked at on the schedule
+FULL_SCAN_EVERY = 60.0  # seconds: a scan at least this often, even of a view that looks unchanged
 _closing: set[asyncio.Task[None]] = set()  # agent closes in flight, kept from the collector
 
 
@@ -138,6 +139,10 @@ class VMCycle:
         # due). With many VMs it wins, and a report is seen a little later, not at its time.
         self._earliest_scan = 0.0
         self._cpu_seconds = 0.0  # of the last scan
+        self._scanned_at = -FULL_SCAN_EVERY  # time.monotonic() of the last scan
+        # Whether the host view moved at the last look (see _scan_if_due): the daemon shares
+        # the scan budget among the VMs that move.
+        self.moving = True
         vm.ranges = self.ledger.history
 
     async def __call__(self, monitor: Monitor) -> float | None:
@@ -277,6 +282,16 @@ class VMCycle:
             and abs(free - self._free_at_scan) >= STATS_MOVED * ram
         )
         now = time.monotonic()
+        if self.ledger.scans and view.unchanged():
+            # Nothing moved since the last scan: the view is as fresh as this look, for a few
+            # syscalls. Idle VMs cost next to nothing that way and leave the scan budget to
+            # the ones that move; a scan now and then catches what the look cannot tell.
+            self.moving = False
+            if now - self._scanned_at < FULL_SCAN_EVERY:
+                self.ledger.confirm(time.time())
+                return None
+        else:
+            self.moving = True
         if now < self._next_scan and not (moved and now >= self._earliest_scan):
             return None
         self._free_at_scan = free
@@ -288,6 +303,7 @@ class VMCycle:
             return None
         self.problem = None
         self._cpu_seconds = cpu_seconds
+        self._scanned_at = time.monotonic()
         return result
 
     def _observe(self, scan: GuestRamScan | None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from daemon import vmcycle
 from daemon.config import Address, Settings, VMConfig
 from daemon.fleet import Fleet, VMState
 from daemon.host.ramblocks import GuestRamBlock, RamBlock
@@ -111,6 +112,44 @@ async def test_a_view_dropped_during_a_scan_is_closed_after_it() -> None:
         scanner.submit(lambda: None).result(5)  # the scanner has run what was queued
         assert events == ["scanned", "closed"]
         assert view._file_fds == {} and view._pagemap_fd is None  # nothing left open
+
+
+async def test_a_view_that_did_not_move_is_confirmed_without_a_scan() -> None:
+    blocks = [GuestRamBlock(RamBlock("pc.ram", 4096, 0, 16 * MiB, 16 * MiB), "memdev-id")]
+    with MemChild() as child, ThreadPoolExecutor(1) as scanner:
+        child.map("ram", "memfd", 16 * MiB)
+        child.touch("ram", [(0, 1024)])
+        vm = Fleet().add("vm1", "unix:/x", "connect")
+        vm.pid = child.pid
+        cycle = VMCycle(vm, budget=lambda: 1.0, scanner=scanner)
+        cycle.view = HostView(child.pid, blocks)
+        cycle._ensure_view = lambda: cycle.view  # type: ignore[assignment,method-assign,return-value]
+        await cycle(Idle())
+        cycle._next_scan = 0.0
+        await cycle(Idle())  # the method is chosen; from now on the looks compare with it
+        assert cycle.ledger.scans == 2 and cycle.moving
+        scanned_at = cycle.ledger.at
+        assert scanned_at is not None
+        for _ in range(3):
+            cycle._next_scan = 0.0  # a scan would be due: the look makes it unneeded
+            await asyncio.sleep(0.01)
+            await cycle(Idle())
+        assert cycle.ledger.scans == 2 and not cycle.moving
+        assert vm.host is not None and vm.host.ledger is not None
+        confirmed_at = vm.host.ledger.at
+        assert confirmed_at is not None and confirmed_at > scanned_at  # as fresh as the look
+        assert vm.host.ledger.backed_bytes == 1024 * 4096
+        child.punch("ram", [(512, 1024)])  # reporting returned a 2 MiB block
+        cycle._next_scan = 0.0
+        await cycle(Idle())
+        assert cycle.ledger.scans == 3 and cycle.moving
+        assert vm.host.ledger.backed_bytes == 512 * 4096
+        # However still it looks, a scan at least every FULL_SCAN_EVERY seconds.
+        cycle._scanned_at -= vmcycle.FULL_SCAN_EVERY
+        cycle._next_scan = 0.0
+        await cycle(Idle())
+        assert cycle.ledger.scans == 4 and not cycle.moving
+        cycle.close()
 
 
 # -- the whole cycle over a real QMP connection, at the socket seam ---------------------------
@@ -215,6 +254,8 @@ async def test_trouble_with_the_monitor_reaches_the_session_and_a_host_view_bug_
 
         await cycle(monitor)  # the first cycle makes the view and its ledger
         monkeypatch.setattr(cycle.ledger, "observe", broken_observe)
+        assert cycle.view is not None
+        monkeypatch.setattr(cycle.view, "unchanged", lambda: False)  # a scan is due
         cycle._next_scan = 0.0
         await cycle(monitor)  # does not raise: the session lives on
         assert vm.host is not None and vm.host.problem == "internal_error"
@@ -296,3 +337,21 @@ def test_reads_that_moving_memory_asks_for_are_spaced_as_the_daemon_says() -> No
     cycle._agent_asked = (time.monotonic() - 61.0, 0)  # the refresh is due whatever the spacing
     spacing[0] = 100.0
     assert cycle._agent_due(1024 * MiB)
+
+
+def test_the_scan_budget_is_shared_by_the_vms_that_move(settings: Settings) -> None:
+    daemon = Reclaimd(settings.model_copy(update={"scan_budget": 0.06}))
+    fleet = Fleet()
+    cycles = [VMCycle(fleet.add(f"vm{i}", "unix:/x", "connect"), budget=lambda: 1.0)
+              for i in range(6)]  # fmt: skip
+    daemon._cycles = {c.vm.name: c for c in cycles}
+    assert daemon._scan_budget_share() == pytest.approx(0.01)  # all move until looked at
+    for c in cycles[2:]:
+        c.moving = False
+    assert daemon._scan_budget_share() == pytest.approx(0.01)  # counted once a second
+    daemon._moving_counted_at -= 1.0
+    assert daemon._scan_budget_share() == pytest.approx(0.03)
+    for c in cycles:
+        c.moving = False
+    daemon._moving_counted_at -= 1.0
+    assert daemon._scan_budget_share() == pytest.approx(0.06)

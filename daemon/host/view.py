@@ -157,6 +157,7 @@ class HostView:
         self._pagemap_fd: int | None = None
         self._file_fds: dict[str, int] = {}
         self._methods: dict[str, Method | Unavailable] = {}
+        self._fingerprint: tuple[int, ...] | None = None  # taken just before the last scan
 
     @classmethod
     def from_qmp(
@@ -216,7 +217,53 @@ class HostView:
                     return located
                 layout = located
             self._maps_hash = hash(text)
+        try:
+            self._fingerprint = self._take_fingerprint(layout)
+        except (OSError, ValueError, IndexError):
+            self._fingerprint = None  # the scan says why, if it is the process
         return self._scan_layout(layout)
+
+    def unchanged(self) -> bool:
+        """Whether the guest RAM is as the last scan saw it, told in a few syscalls (tens of
+        microseconds, where a scan costs hundreds): the same process, the same maps when they
+        are due for a re-check, and the same fingerprint (see ``_take_fingerprint``). False
+        means "scan to know", never that something did change."""
+        layout = self.layout
+        if self.pid is None or layout is None or layout.missing or self._fingerprint is None:
+            return False
+        try:
+            if process_start_time(self.pid) != self._start_time:
+                return False
+            now = time.monotonic()
+            if now - self._maps_checked >= MAPS_RECHECK_SECONDS:
+                text = read_maps_text(self.pid)
+                if isinstance(text, Unavailable) or hash(text) != self._maps_hash:
+                    return False
+                self._maps_checked = now
+            return self._take_fingerprint(layout) == self._fingerprint
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def _take_fingerprint(self, layout: GuestRamLayout) -> tuple[int, ...] | None:
+        """What changes whenever the host backs guest RAM differently: the blocks a file-backed
+        mapping's file holds (``st_blocks``: tmpfs and hugetlbfs count them exactly), and for
+        the others the process's resident pages (``/proc/PID/statm``). The latter is the sum of
+        per-CPU counters and may lag by a few dozen pages per CPU, less than the smallest block
+        reporting returns (2 MiB); an equal number of pages discarded and refaulted between two
+        looks also escapes it, so the caller still scans now and then. None: cannot tell."""
+        parts: list[int] = []
+        need_rss = False
+        for mapping in layout.mappings:
+            fd = self._file_fds.get(mapping.name)
+            if fd is not None and self._methods.get(mapping.name) is Method.SEEK_DATA:
+                parts.append(os.fstat(fd).st_blocks)
+            else:
+                need_rss = True
+        if need_rss:
+            assert self.pid is not None
+            with open(f"/proc/{self.pid}/statm", "rb") as f:
+                parts.append(int(f.read().split()[1]))
+        return tuple(parts) if parts else None
 
     def _locate(
         self, pid: int, vmas: Sequence[Vma], layout: GuestRamLayout | None
@@ -301,6 +348,7 @@ class HostView:
 
     def _reset(self) -> None:
         self.layout = None
+        self._fingerprint = None
         self._methods.clear()
         for fd in self._file_fds.values():
             os.close(fd)

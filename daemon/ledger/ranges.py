@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -226,6 +226,14 @@ class Ledger:
             first_touch=first,
             balloon_grew=grew * PAGE_SIZE,
         )
+
+    def confirm(self, at: float) -> None:
+        """The host view was found unchanged at ``at`` without a scan (``HostView.unchanged``):
+        the last scan's figures hold then, as if a scan at ``at`` had seen nothing change."""
+        if not self._summaries or (self.at is not None and at <= self.at):
+            return
+        self.at = at
+        self._summaries.append(replace(self._summaries[-1], at=at))
 
     def _apply(self, s: _BlockState, c: Changes) -> list[int]:
         """Move pages between the block's sets; page counts of what changed."""

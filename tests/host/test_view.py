@@ -242,3 +242,34 @@ def test_no_permission_as_another_user(qemu_default: Qemu) -> None:
     assert (
         "permission denied" in result["detail"] and f"/proc/{qemu_default.pid}/" in result["detail"]
     )
+
+
+@pytest.mark.parametrize("kind", ["memfd", "anon"])
+def test_unchanged_tells_a_view_that_did_not_move_from_one_that_did(kind: str) -> None:
+    """memfd RAM by the file's blocks (exact), anonymous RAM by the process's resident pages
+    (per-CPU counters, exact to a few dozen pages): a look after a scan says "unchanged" until
+    the host backs more (a page, or a 2 MiB block) or a 2 MiB block less."""
+    blocks = _child_blocks()[:1]
+    with MemChild() as child:
+        child.map("a", kind, blocks[0].block.total)
+        child.touch("a", [(0, 2048)])
+        view = HostView(child.pid, blocks)
+        assert not view.unchanged()  # never scanned: only a scan can tell
+        _scan(view)
+        _scan(view)  # the first scan chose the method; this one's fingerprint is of it
+        assert view.unchanged() and view.unchanged()
+        more = 1 if kind == "memfd" else 512
+        child.touch("a", [(4096, 4096 + more)])
+        assert not view.unchanged()
+        _scan(view)
+        assert view.unchanged()
+        release = child.punch if kind == "memfd" else child.dontneed
+        release("a", [(512, 1024)])  # what free page reporting returns
+        assert not view.unchanged()
+        _scan(view)
+        assert view.unchanged()
+        view._maps_checked -= view_module.MAPS_RECHECK_SECONDS  # the maps are due: same text
+        assert view.unchanged()
+        child.close()
+        assert not view.unchanged()  # the process is gone
+        view.close()
