@@ -50,3 +50,24 @@ def test_the_api_reaching_past_the_fleet_breaks_it(tmp_path: Path) -> None:
     result = lint_imports(tree)
     assert result.returncode != 0
     assert "api.routes.host -> daemon.ledger.ranges" in result.stdout, result.stdout
+
+
+def test_the_model_importing_the_ledger_breaks_the_layers(tmp_path: Path) -> None:
+    # Only the layers contract covers the model: the ledger's and the API's are not involved.
+    tree = copy_tree(tmp_path)
+    costs = tree / "daemon" / "model" / "costs.py"
+    costs.write_text(costs.read_text() + "\nfrom daemon.ledger import diff  # noqa: E402\n")
+    result = lint_imports(tree)
+    assert result.returncode != 0
+    assert "Contracts: 2 kept, 1 broken." in result.stdout, result.stdout
+    assert "daemon.model.costs -> daemon.ledger.diff" in result.stdout, result.stdout
+
+
+def test_the_owner_only_files_importing_the_config_breaks_the_layers(tmp_path: Path) -> None:
+    # daemon.files sits in the layer below the configuration, as the documented layering has it.
+    tree = copy_tree(tmp_path)
+    files = tree / "daemon" / "files.py"
+    files.write_text(files.read_text() + "\nfrom daemon import config  # noqa: E402\n")
+    result = lint_imports(tree)
+    assert result.returncode != 0
+    assert "daemon.files -> daemon.config" in result.stdout, result.stdout
