@@ -6,17 +6,16 @@ the daemon's callbacks (``appeared``, ``vanished``):
 
 - a running domain (in the snapshot at connect, or STARTED, including an incoming migration)
   gets a session, or its session attaches again;
+- every defined domain that does not run has a VM too, down until it starts: those in the
+  snapshot at connect (defined before reclaimd started) as those DEFINED while it runs;
 - a stopped domain (STOPPED: destroyed, shut down, crashed, failed) stays, down, with its
   history, while it is defined; one that is gone (UNDEFINED while stopped, a transient domain
-  that stopped, one migrated away) is dropped; a domain DEFINED while reclaimd runs appears,
-  down until it starts;
+  that stopped, one migrated away) is dropped;
 - libvirtd lost: every session goes down with the cause but keeps its VM, its poll cycle and
   its history (the QEMU processes do not depend on libvirtd); back: the new snapshot says which
-  domains run, and each attaches again at once;
-- events dropped because the host fell behind: the running domains are listed again.
-
-Domains defined but not running when reclaimd starts are not listed (the source's snapshot is
-of running domains); they appear when they start.
+  domains run, and each attaches again at once; domains defined meanwhile appear, and those
+  undefined meanwhile go;
+- events dropped because the host fell behind: the domains are listed again.
 """
 
 from __future__ import annotations
@@ -71,13 +70,13 @@ class LibvirtHost:
 
     async def apply(self, event: lv.SourceEvent) -> None:
         if isinstance(event, lv.Connected | lv.Reconnected):
-            self.sync(event.domains)
+            self.sync(event.domains, event.defined)
         elif isinstance(event, lv.ConnectionLost):
             log.warning("libvirt %s: connection lost: %s", event.uri, event.reason)
             for session in self.sessions.values():
                 session.source_changed()
         elif isinstance(event, lv.EventsDropped):
-            self.sync(await self.source.list_running())
+            self.sync(*await self.source.list_domains())
         elif isinstance(event, lv.LifecycleChanged):
             self._lifecycle(event)
         elif isinstance(event, lv.BalloonChanged):
@@ -98,15 +97,23 @@ class LibvirtHost:
                 # An opt-out or minimum set on the running domain applies at once.
                 other.vm.options = options_of(await self.source.domain_facts(event.domain.uuid))
 
-    def sync(self, running: Iterable[lv.DomainRef]) -> None:
-        """Make the sessions agree with the domains that run now."""
+    def sync(self, running: Iterable[lv.DomainRef], defined: Iterable[lv.DomainRef] = ()) -> None:
+        """Make the sessions agree with the domains that run now and those defined that do
+        not run."""
         now = {d.uuid: d for d in running}
+        down = {d.uuid: d for d in defined if d.uuid not in now}
         for domain in now.values():
             self._started(domain)
+        for uuid, domain in down.items():
+            if uuid not in self.sessions:
+                self.sessions[uuid] = self.appeared(domain, False)
         for uuid, session in list(self.sessions.items()):
-            if uuid not in now and session.active:
+            if uuid in now:
+                continue
+            if session.active:
                 session.domain_stopped("stopped while libvirtd was not connected")
-                self._check_defined(uuid)
+            if uuid not in down:
+                self._check_defined(uuid)  # a transient domain, or one undefined meanwhile
 
     def _started(self, domain: lv.DomainRef) -> None:
         session = self.sessions.get(domain.uuid)

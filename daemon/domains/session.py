@@ -76,6 +76,7 @@ class LibvirtSession(SessionBase):
         self.domain = domain
         self.agent = agent
         self.active = active  # the domain runs, as far as libvirt last said
+        vm.uuid = domain.uuid  # known before the first attach (a domain defined, not running)
         self.stopped_cause = NOT_RUNNING
         self._changed = asyncio.Event()  # the domain or the connection changed
         self._wake = asyncio.Event()  # poll now (a balloon change)

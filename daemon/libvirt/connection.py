@@ -1,13 +1,13 @@
 """A supervised connection to one libvirt URI: typed events in, calls out, never blocking asyncio.
 
-:class:`LibvirtSource` owns the connection to libvirtd (``qemu:///system`` by default) and keeps
-it: it connects, registers for domain events and the close notification, turns on keepalive,
-takes a snapshot of the running domains, and yields ``Connected``; when libvirtd goes away
-(close callback, keepalive, or a call that finds the connection dead) it yields
-``ConnectionLost``, reconnects with exponential backoff (capped at ``backoff_max``, 2 s by
-default, so it is back within that of libvirtd answering again), and yields ``Reconnected``
-with a new snapshot. It never raises out of its supervisor: every failure is a state and an
-event. The domains' QEMU processes do not depend on libvirtd, so a consumer keeps their VMs
+:class:`LibvirtSource` owns the connection to libvirtd (``qemu:///system`` by default) and keeps it:
+it connects, registers for domain events and the close notification, turns on keepalive, takes a
+snapshot of the domains (those running, and those defined but not running), and yields
+``Connected``; when libvirtd goes away (close callback, keepalive, or a call that finds the
+connection dead) it yields ``ConnectionLost``, reconnects with exponential backoff (capped at
+``backoff_max``, 2 s by default, so it is back within that of libvirtd answering again), and yields
+``Reconnected`` with a new snapshot. It never raises out of its supervisor: every failure is a state
+and an event. The domains' QEMU processes do not depend on libvirtd, so a consumer keeps their VMs
 (and their history) across a loss.
 
 Where things run (see ``daemon.libvirt.eventloop`` for why):
@@ -15,13 +15,13 @@ Where things run (see ``daemon.libvirt.eventloop`` for why):
 - libvirt's event thread (one per process) runs libvirt's event loop and the callbacks; they
   only read the domain object they get and hand a typed event to asyncio with
   ``call_soon_threadsafe``. Nothing there calls libvirtd.
-- a small thread pool (``workers``) runs every call that talks to libvirtd: ``open``,
-  event (de)registration, ``setKeepAlive``, ``listAllDomains``, ``lookupByUUIDString``,
-  ``XMLDesc``, ``info``, ``memoryStats``, ``setMemoryStatsPeriod``, ``setMemoryFlags``,
-  ``qemuAgentCommand``, ``close``. Each is bounded by a timeout; a call that times out keeps
-  its thread until libvirt gives up (keepalive closes a dead connection within
-  ``keepalive_interval * (keepalive_count + 1)`` seconds), so a hung libvirtd exhausts the pool
-  and later calls time out too instead of piling up.
+- a small thread pool (``workers``) runs every call that talks to libvirtd: ``open``, event
+  (de)registration, ``setKeepAlive``, ``listAllDomains``, ``lookupByUUIDString``, ``XMLDesc``,
+  ``info``, ``memoryStats``, ``setMemoryStatsPeriod``, ``setMemoryFlags``, ``qemuAgentCommand``,
+  ``close``. Each is bounded by a timeout; a call that times out keeps its
+  thread until libvirt gives up (keepalive closes a dead connection within ``keepalive_interval *
+  (keepalive_count + 1)`` seconds), so a hung libvirtd exhausts the pool and later calls time out
+  too instead of piling up.
 - the asyncio loop runs the supervisor, the event queue and the callers.
 
 Errors are those of ``daemon.libvirt.errors``; ``asyncio.CancelledError`` passes through.
@@ -387,14 +387,15 @@ class LibvirtSource:
             if link is not None:
                 attempt = 0
                 outage = time.monotonic() - lost_at if lost_at is not None else 0.0
-                domains = await self._snapshot(link)
-                if domains is not None:
+                snapshot = await self._snapshot(link)
+                if snapshot is not None:
                     now = time.time()
+                    running, defined = snapshot
                     if ever_connected:
                         self.reconnects += 1
-                        self._publish_snapshot(Reconnected(now, self.uri, domains, outage))
+                        self._publish_snapshot(Reconnected(now, self.uri, running, outage, defined))
                     else:
-                        self._publish_snapshot(Connected(now, self.uri, domains))
+                        self._publish_snapshot(Connected(now, self.uri, running, defined))
                     ever_connected = True
                     self._set_state(SourceState.CONNECTED)
                     reason = await link.lost
@@ -405,7 +406,7 @@ class LibvirtSource:
                 await self._teardown(link)
                 if self._closing:
                     break
-                if domains is not None:
+                if snapshot is not None:
                     lost_at = time.monotonic()
                     self._push(ConnectionLost(time.time(), self.uri, self.last_error or "lost"))
                     continue  # reconnect at once; back off only if that fails
@@ -503,9 +504,11 @@ class LibvirtSource:
                 # Local drivers (test:///) have no keepalive; the close callback still works.
                 log.info("%s: no keepalive: %s", self.uri, exc)
 
-    async def _snapshot(self, link: _Link) -> tuple[DomainRef, ...] | None:
+    async def _snapshot(
+        self, link: _Link
+    ) -> tuple[tuple[DomainRef, ...], tuple[DomainRef, ...]] | None:
         try:
-            return await self._call_on(link, "list domains", lambda: self._list_running(link))
+            return await self._call_on(link, "list domains", lambda: self._list_domains(link))
         except LibvirtSourceError as exc:
             self.last_error = f"cannot list the domains: {exc}"
             if not link.lost.done():
@@ -643,6 +646,24 @@ class LibvirtSource:
         """The running domains (``listAllDomains(ACTIVE)``), sorted by name."""
         link = self._current("list domains")
         return await self._call_on(link, "list domains", lambda: self._list_running(link))
+
+    def _list_domains(self, link: _Link) -> tuple[tuple[DomainRef, ...], tuple[DomainRef, ...]]:
+        # Worker thread. Every domain first, then the running ones: a domain that starts or
+        # stops between the two calls is in the first and classed by the second, so only one
+        # defined after the first call is missing, and its event follows the snapshot.
+        every = [domain_ref(dom) for dom in link.conn.listAllDomains(0)]
+        running = self._list_running(link)
+        active = {r.uuid for r in running}
+        defined = sorted(
+            {r.uuid: DomainRef(r.uuid, r.name) for r in every if r.uuid not in active}.values(),
+            key=lambda r: (r.name, r.uuid),
+        )
+        return running, tuple(defined)
+
+    async def list_domains(self) -> tuple[tuple[DomainRef, ...], tuple[DomainRef, ...]]:
+        """(running, defined but not running) domains, each sorted by name."""
+        link = self._current("list domains")
+        return await self._call_on(link, "list domains", lambda: self._list_domains(link))
 
     async def domain_xml(self, uuid: str, *, inactive: bool = False) -> str:
         """The domain's XML: live (default) or, with ``inactive``, as it will next boot."""

@@ -1,11 +1,11 @@
 """What a libvirt source yields: typed, immutable events.
 
 Two kinds. The connection's own: ``Connected`` (the first time), ``ConnectionLost`` and
-``Reconnected``; the two that (re)establish carry the running domains at that moment, so a
-consumer can tell which VMs started or stopped while it could not see, and keep the history of
-those that did not. And the domains' events, translated from libvirt's callbacks
-(``VIR_DOMAIN_EVENT_ID_*``): lifecycle, balloon change, reboot, guest-agent state, memory
-device size change, memory failure, metadata change, device added or removed.
+``Reconnected``; the two that (re)establish carry the running domains at that moment and the defined
+ones that do not run, so a consumer can tell which VMs started, stopped, appeared or went while it
+could not see, and keep the history of those that did not. And the domains' events, translated from
+libvirt's callbacks (``VIR_DOMAIN_EVENT_ID_*``): lifecycle, balloon change, reboot, guest-agent
+state, memory device size change, memory failure, metadata change, device added or removed.
 
 Events that arrive while a snapshot is taken are delivered after it, so one that repeats what
 the snapshot already shows (a domain it lists as running, then its STARTED) must be applied
@@ -86,9 +86,11 @@ class ConnectionEvent(SourceEvent):
 
 @dataclass(frozen=True)
 class Connected(ConnectionEvent):
-    """The first connection is up; ``domains`` were running at that moment."""
+    """The first connection is up; ``domains`` were running at that moment, ``defined`` were
+    defined (persistent) but not running."""
 
     domains: tuple[DomainRef, ...]
+    defined: tuple[DomainRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,12 @@ class ConnectionLost(ConnectionEvent):
 
 @dataclass(frozen=True)
 class Reconnected(ConnectionEvent):
-    """Connected again after a loss; ``domains`` run now; ``outage`` seconds without one."""
+    """Connected again after a loss; ``domains`` run now, ``defined`` are defined but do not
+    run; ``outage`` seconds without a connection."""
 
     domains: tuple[DomainRef, ...]
     outage: float
+    defined: tuple[DomainRef, ...] = ()
 
 
 @dataclass(frozen=True)

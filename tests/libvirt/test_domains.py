@@ -192,6 +192,33 @@ async def test_no_command_but_balloon_reaches_a_domain(daemon: Reclaimd) -> None
         await session.command("human-monitor-command", {"command-line": "info mtree"})
 
 
+async def test_a_domain_defined_before_reclaimd_starts_is_listed_down(
+    tmp_path: Path, admin: libvirt.virConnect
+) -> None:
+    uuid = str(uuidlib.uuid4())
+    dom = admin.defineXML(domain_xml("rd-early", uuid))
+    try:
+        settings = Settings(libvirt=TEST_URI, journal=tmp_path / "j.sqlite3", poll_interval=0.2)
+        rd = Reclaimd(settings, host_view=False)
+        await rd.start()
+        try:
+            # As one defined while reclaimd runs: listed from the first snapshot, down.
+            await until(lambda: "rd-early" in rd.fleet, "the domain defined before listed")
+            vm = rd.fleet.get("rd-early")
+            assert vm is not None and vm.attach == "libvirt" and vm.uuid == uuid
+            await until(lambda: vm.session_state == S.DISCONNECTED, "down: not running")
+            assert not vm.up and vm.attached_at is None
+            dom.create()
+            await until(lambda: vm.up, "attached once started")
+            assert rd.fleet.get("rd-early") is vm
+        finally:
+            await rd.stop()
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
 def test_the_transition_table_is_closed() -> None:
     for state, targets in LIBVIRT_TRANSITIONS.items():
         assert targets <= set(LIBVIRT_TRANSITIONS), state
