@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
             listen_socket=args.listen_socket,
             web_config=args.web_config,
             libvirt=args.libvirt,
+            libvirt_nova_metadata=args.libvirt_nova_metadata,
             proxmox=args.proxmox,
             reclaim=args.reclaim,
         )
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="attach every domain of a libvirt URI through libvirt's API (default URI "
         "qemu:///system; also RECLAIMD_LIBVIRT; needs reclaimd[libvirt])",
+    )
+    serve.add_argument(
+        "--libvirt-nova-metadata",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="OpenStack Nova's metadata (instance name, flavor, project, user) as labels of "
+        "qemu_vm_info (default off; also RECLAIMD_LIBVIRT_NOVA_METADATA)",
     )
     serve.add_argument(
         "--proxmox",

@@ -11,6 +11,7 @@ Example ``reclaimd.toml``::
     socket_glob = "/run/qemu/*.qmp"          # connect mode, VMs follow their sockets
     listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
     libvirt = "qemu:///system"                # every libvirt domain, through libvirt's API
+    libvirt_nova_metadata = true              # OpenStack Nova's labels on qemu_vm_info
     proxmox = "/"                             # a Proxmox VE host's VMs, in poll mode
     web_config = "/etc/reclaimd/web-config.yml"  # TLS and basic auth (api/webconfig.py)
 
@@ -202,6 +203,12 @@ class Settings(BaseSettings):
         default=None,
         description="libvirt URI whose domains to attach through libvirt's API, e.g. "
         "qemu:///system (needs reclaimd[libvirt]); unset: no libvirt source",
+    )
+    libvirt_nova_metadata: bool = Field(
+        default=False,
+        description="OpenStack Nova's metadata of a libvirt domain (instance name, flavor, "
+        "project and user) as labels of qemu_vm_info, as the libvirt exporters' "
+        "--libvirt.export-nova-metadata; off: tenant names stay out of the metrics",
     )
     proxmox: Path | None = Field(
         default=None,

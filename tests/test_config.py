@@ -72,6 +72,43 @@ def test_libvirt_and_proxmox_from_flags_and_environment(monkeypatch: pytest.Monk
     assert load_settings(libvirt="test:///default").libvirt == "test:///default"
 
 
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [
+        ("libvirt_nova_metadata", "--libvirt-nova-metadata"),
+    ],
+)
+def test_libvirt_switches_are_off_unless_asked_for(
+    field: str, flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.cli import build_parser
+
+    env = f"RECLAIMD_{field.upper()}"
+    monkeypatch.delenv(env, raising=False)
+    monkeypatch.delenv("RECLAIMD_CONFIG", raising=False)
+    assert getattr(load_settings(), field) is False
+
+    def from_flags(*argv: str) -> bool:
+        args = build_parser().parse_args(["serve", "--libvirt", *argv])
+        value: bool = getattr(load_settings(**{field: getattr(args, field)}), field)
+        return value
+
+    assert from_flags() is False
+    assert from_flags(flag) is True
+    config = tmp_path / "r.toml"
+    config.write_text(f"{field} = true\n")
+    assert getattr(load_settings(config), field) is True
+    monkeypatch.setenv(env, "false")
+    assert getattr(load_settings(config), field) is False  # the environment beats the file
+    assert getattr(load_settings(config, **{field: True}), field) is True  # a flag beats both
+    args = build_parser().parse_args(["serve", f"--no-{flag[2:]}"])
+    monkeypatch.setenv(env, "true")
+    assert getattr(load_settings(**{field: getattr(args, field)}), field) is False
+    monkeypatch.setenv(env, "maybe")
+    with pytest.raises(ConfigError, match=env):
+        load_settings()
+
+
 def test_reclaim_is_advise_unless_configured_to_act(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

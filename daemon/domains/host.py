@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from daemon import libvirt as lv
-from daemon.domains.monitor import options_of
+from daemon.domains.monitor import labels_of, options_of
 from daemon.domains.session import LibvirtSession
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,18 @@ class LibvirtHost:
             name = _EVENT_NAMES.get(type(event))
             if other is not None and name is not None:
                 other.event(name, {})
-            if (
-                other is not None
-                and isinstance(event, lv.MetadataChanged)
-                and event.namespace == lv.RECLAIMD_NS
-            ):
-                # An opt-out or minimum set on the running domain applies at once.
-                other.vm.options = options_of(await self.source.domain_facts(event.domain.uuid))
+            if other is not None and isinstance(event, lv.MetadataChanged):
+                await self._metadata_changed(other, event)
+
+    async def _metadata_changed(self, session: LibvirtSession, event: lv.MetadataChanged) -> None:
+        """reclaimd's options (an opt-out, a minimum) or Nova's labels (an instance renamed,
+        resized to another flavor), changed on the domain: they apply at once."""
+        namespace = event.namespace or ""
+        nova = session.settings.libvirt_nova_metadata
+        if namespace == lv.RECLAIMD_NS or (nova and namespace.startswith(lv.NOVA_NS_PREFIX)):
+            facts = await self.source.domain_facts(event.domain.uuid)
+            session.vm.options = options_of(facts)
+            session.vm.labels = labels_of(facts, nova=nova)
 
     def sync(self, running: Iterable[lv.DomainRef], defined: Iterable[lv.DomainRef] = ()) -> None:
         """Make the sessions agree with the domains that run now and those defined that do

@@ -1,8 +1,9 @@
 """What a libvirt domain's poll cycle reads, through libvirt's API only.
 
 At attach (:func:`read_domain`): the live domain XML (identity, memory sizes, balloon with free
-page reporting, deflate-on-oom and stats period, memory backing, agent channel, Nova labels),
-QEMU's pid (for the host view), and the stats period set when it is 0 and configured to.
+page reporting, deflate-on-oom and stats period, memory backing, agent channel, and Nova's
+labels where they are asked for), QEMU's pid (for the host view), and the stats period set
+when it is 0 and configured to.
 Each poll (:class:`LibvirtMonitor`): ``virDomainGetInfo`` (run state) and ``memoryStats()``
 (the balloon's actual size and the guest's statistics, which libvirtd reads from QEMU as
 reclaimd would over QMP; the names are translated in ``daemon.libvirt.stats``).
@@ -66,12 +67,18 @@ def options_of(facts: lv.DomainFacts) -> VMOptions:
     return VMOptions(given.reclaim, given.minimum_bytes, "libvirt metadata")
 
 
-def apply_facts(vm: VMState, facts: lv.DomainFacts) -> None:
-    """Write what the domain XML says into the VM's record."""
+def labels_of(facts: lv.DomainFacts, *, nova: bool) -> dict[str, str]:
+    """The extra labels of ``qemu_vm_info``: OpenStack Nova's (instance name, flavor, project,
+    user) when ``nova`` asks for them and the domain has them, else none."""
+    return facts.nova.labels() if nova and facts.nova is not None else {}
+
+
+def apply_facts(vm: VMState, facts: lv.DomainFacts, *, nova: bool = False) -> None:
+    """Write what the domain XML says into the VM's record (Nova's labels with ``nova``)."""
     vm.uuid = facts.uuid
     vm.options = options_of(facts)
     vm.qemu_name = one_line(facts.name, MAX_LABEL)
-    vm.labels = facts.nova.labels() if facts.nova is not None else {}
+    vm.labels = labels_of(facts, nova=nova)
     memory = vm.memory
     layout = ram_layout(facts)
     if layout is not None:
@@ -100,11 +107,16 @@ def apply_facts(vm: VMState, facts: lv.DomainFacts) -> None:
 
 
 async def read_domain(
-    source: lv.LibvirtSource, domain: lv.DomainRef, vm: VMState, *, stats_interval: int
+    source: lv.LibvirtSource,
+    domain: lv.DomainRef,
+    vm: VMState,
+    *,
+    stats_interval: int,
+    nova: bool = False,
 ) -> lv.DomainFacts:
     """Everything read once when a domain's session (re)attaches. Raises LibvirtSourceError."""
     facts = await source.domain_facts(domain.uuid)
-    apply_facts(vm, facts)
+    apply_facts(vm, facts, nova=nova)
     vm.pid = await source.qemu_pid(domain)
     if vm.balloon.present and vm.balloon.stats_polling_interval == 0 and stats_interval > 0:
         await source.set_memory_stats_period(domain.uuid, stats_interval)

@@ -137,6 +137,7 @@ class LibvirtSession(SessionBase):
                         domain,
                         self.vm,
                         stats_interval=self.settings.stats_interval,
+                        nova=self.settings.libvirt_nova_metadata,
                     )
                 except lv.LibvirtSourceError as exc:
                     self._failed(exc, domain)

@@ -13,19 +13,23 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from api.app import create_app
 from daemon.config import Settings
 from daemon.domains import LIBVIRT_TRANSITIONS, LibvirtSession
 from daemon.domains.monitor import apply_facts, ram_layout
 from daemon.fleet import SessionState, VMState
 from daemon.host.ramblocks import parse_ramblocks, select_guest_ram
-from daemon.libvirt import parse_domain_xml
+from daemon.libvirt import RECLAIMD_NS, parse_domain_xml
 from daemon.qmp.errors import CommandFailed
 from daemon.service import BelowFloor, Reclaimd, VMUnavailable
 
 TEST_URI = "test:///default"
+AFFECT_LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 MiB = 1 << 20
 S = SessionState
 
@@ -40,11 +44,18 @@ def domain_xml(name: str, uuid: str, *, balloon: bool = True, nova: str = "") ->
     )
 
 
+NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 NOVA = (
-    "<nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
+    f"<nova:instance xmlns:nova='{NOVA_NS}'>"
     "<nova:name>web-1</nova:name><nova:flavor name='m1.small'/>"
     "<nova:owner><nova:project uuid='p-1'>demo</nova:project></nova:owner></nova:instance>"
 )
+NOVA_LABELS = {
+    "instance_name": "web-1",
+    "flavor": "m1.small",
+    "project_name": "demo",
+    "project_uuid": "p-1",
+}
 
 
 # -- the RAM layout the host view gets from the XML ---------------------------------------------
@@ -94,14 +105,11 @@ def test_numa_cells_and_dimms_and_shared_memfd() -> None:
 def test_no_balloon_and_nova_labels() -> None:
     facts = parse_domain_xml(domain_xml("d", str(uuidlib.uuid4()), balloon=False, nova=NOVA))
     vm = VMState("d", "libvirt:x", "libvirt")
-    apply_facts(vm, facts)
+    apply_facts(vm, facts, nova=True)
     assert vm.balloon.present is False and vm.balloon.problem == "no virtio-balloon device"
-    assert vm.labels == {
-        "instance_name": "web-1",
-        "flavor": "m1.small",
-        "project_name": "demo",
-        "project_uuid": "p-1",
-    }
+    assert vm.labels == NOVA_LABELS
+    apply_facts(vm, facts)  # not asked for: none
+    assert vm.labels == {}
 
 
 # -- the daemon on the test driver ---------------------------------------------------------------
@@ -136,7 +144,7 @@ async def test_a_domain_s_life_in_the_fleet(daemon: Reclaimd, admin: libvirt.vir
         dom.create()
         await until(lambda: vm.up, "attached once started")
         assert vm.uuid == uuid
-        assert vm.labels["instance_name"] == "web-1"
+        assert vm.labels == {}  # Nova's labels only when asked for
         assert vm.memory.ram_bytes == 128 * MiB
         assert vm.balloon.present and vm.balloon.stats_polling_interval == 2
         await until(lambda: vm.balloon.actual_bytes == 128 * MiB, "balloon read")
@@ -217,6 +225,72 @@ async def test_a_domain_defined_before_reclaimd_starts_is_listed_down(
         if dom.isActive():
             dom.destroy()
         dom.undefine()
+
+
+def info_labels(metrics: str, vm: str) -> dict[str, str]:
+    """The labels of the VM's ``qemu_vm_info`` sample."""
+    (labels,) = [
+        sample.labels
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "qemu_vm_info"
+        for sample in family.samples
+        if sample.labels.get("vm") == vm
+    ]
+    return labels
+
+
+@pytest.mark.parametrize("nova", [True, False], ids=["nova-on", "nova-off"])
+async def test_nova_labels_in_metrics_only_when_asked_for_and_followed_on_change(
+    tmp_path: Path, admin: libvirt.virConnect, nova: bool
+) -> None:
+    settings = Settings(
+        libvirt=TEST_URI,
+        journal=tmp_path / "j.sqlite3",
+        poll_interval=0.2,
+        libvirt_nova_metadata=nova,
+    )
+    rd = Reclaimd(settings, host_view=False)
+    await rd.start()
+    dom = admin.createXML(domain_xml("rd-nova", str(uuidlib.uuid4()), nova=NOVA))
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(settings, rd)), base_url="http://test"
+    )
+    try:
+        await until(lambda: (vm := rd.fleet.get("rd-nova")) is not None and vm.up, "attached")
+        vm = rd.fleet.get("rd-nova")
+        assert vm is not None
+        labels = info_labels((await client.get("/metrics")).text, "rd-nova")
+        assert labels["uuid"] == vm.uuid
+        if nova:
+            assert NOVA_LABELS.items() <= labels.items(), labels
+        else:
+            assert not set(NOVA_LABELS) & set(labels), labels
+
+        # Nova changes its element on the running domain (a rename, a resize): METADATA_CHANGE
+        # in Nova's namespace, which reclaimd follows when it exports the labels.
+        renamed = "<instance><name>web-2</name><flavor name='m1.large'/></instance>"
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, renamed, "nova", NOVA_NS, AFFECT_LIVE)
+        if nova:
+            await until(lambda: vm.labels.get("instance_name") == "web-2", "the new name")
+            labels = info_labels((await client.get("/metrics")).text, "rd-nova")
+            assert (labels["instance_name"], labels["flavor"]) == ("web-2", "m1.large")
+            assert "project_name" not in labels  # the new element has no owner
+        else:
+            # Then reclaimd's own element: its re-read comes after the Nova change's, and must
+            # not bring Nova's labels either.
+            options = "<vm><reclaim enabled='no'/></vm>"
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT, options, "reclaimd", RECLAIMD_NS, AFFECT_LIVE
+            )
+            await until(lambda: vm.options.reclaim is False, "reclaimd's options re-read")
+            assert vm.event_counts.get("METADATA_CHANGE") == 2
+            assert vm.labels == {}
+            labels = info_labels((await client.get("/metrics")).text, "rd-nova")
+            assert not set(NOVA_LABELS) & set(labels), labels
+    finally:
+        await client.aclose()
+        dom.destroy()
+        await rd.stop()
 
 
 def test_the_transition_table_is_closed() -> None:
