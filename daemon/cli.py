@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             web_config=args.web_config,
             libvirt=args.libvirt,
             libvirt_nova_metadata=args.libvirt_nova_metadata,
+            libvirt_qmp_passthrough=args.libvirt_qmp_passthrough,
             proxmox=args.proxmox,
             reclaim=args.reclaim,
         )
@@ -163,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="OpenStack Nova's metadata (instance name, flavor, project, user) as labels of "
         "qemu_vm_info (default off; also RECLAIMD_LIBVIRT_NOVA_METADATA)",
+    )
+    serve.add_argument(
+        "--libvirt-qmp-passthrough",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also read what only QMP tells (RAM blocks, guest-physical addresses) through "
+        "libvirt's qemu-monitor-command, which TAINTS every domain it is used on (default "
+        "off; also RECLAIMD_LIBVIRT_QMP_PASSTHROUGH)",
     )
     serve.add_argument(
         "--proxmox",

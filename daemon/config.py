@@ -12,6 +12,7 @@ Example ``reclaimd.toml``::
     listen_socket = "/run/reclaimd/qmp.sock"  # listen mode, QEMUs connect to reclaimd
     libvirt = "qemu:///system"                # every libvirt domain, through libvirt's API
     libvirt_nova_metadata = true              # OpenStack Nova's labels on qemu_vm_info
+    libvirt_qmp_passthrough = false           # QMP through libvirt: taints the domains
     proxmox = "/"                             # a Proxmox VE host's VMs, in poll mode
     web_config = "/etc/reclaimd/web-config.yml"  # TLS and basic auth (api/webconfig.py)
 
@@ -209,6 +210,12 @@ class Settings(BaseSettings):
         description="OpenStack Nova's metadata of a libvirt domain (instance name, flavor, "
         "project and user) as labels of qemu_vm_info, as the libvirt exporters' "
         "--libvirt.export-nova-metadata; off: tenant names stay out of the metrics",
+    )
+    libvirt_qmp_passthrough: bool = Field(
+        default=False,
+        description="read what only QMP tells (the RAM blocks, the guest-physical memory "
+        "map, file backends' paths, free page hinting) through virDomainQemuMonitorCommand; "
+        "libvirt marks every domain it is used on as tainted (custom-monitor)",
     )
     proxmox: Path | None = Field(
         default=None,

@@ -76,6 +76,7 @@ def test_libvirt_and_proxmox_from_flags_and_environment(monkeypatch: pytest.Monk
     ("field", "flag"),
     [
         ("libvirt_nova_metadata", "--libvirt-nova-metadata"),
+        ("libvirt_qmp_passthrough", "--libvirt-qmp-passthrough"),
     ],
 )
 def test_libvirt_switches_are_off_unless_asked_for(

@@ -10,9 +10,10 @@ running domain a VM of the fleet with the same poll cycle as a QMP-attached one
   transition table), which attaches, runs the cycle and reattaches after libvirtd comes back;
 - ``monitor``: what the cycle reads through libvirt (``memoryStats()``, the balloon, the domain
   XML's memory facts);
-- ``agent``: the guest agent through ``virDomainQemuAgentCommand``.
-
-QMP passthrough (``virDomainQemuMonitorCommand``) is not used: it taints the domain.
+- ``agent``: the guest agent through ``virDomainQemuAgentCommand``;
+- ``passthrough``: what only QMP tells (the memory map, file backends' paths, free page
+  hinting), through ``virDomainQemuMonitorCommand``, only with ``libvirt_qmp_passthrough``:
+  it taints the domain.
 """
 
 from daemon.domains.agent import LibvirtAgentTransport

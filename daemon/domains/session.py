@@ -15,7 +15,9 @@ what changed (:meth:`domain_started`, :meth:`domain_stopped`, :meth:`source_chan
 :meth:`balloon_changed`); none of those waits.
 
 Commands from the API: ``balloon`` is ``setMemoryFlags(..., AFFECT_LIVE)``; nothing else goes
-to the domain (no QMP passthrough: it taints the domain).
+to the domain. QMP passthrough, which taints the domain, is used only with
+``libvirt_qmp_passthrough``, and only to read at attach what libvirt cannot tell
+(``daemon.domains.passthrough``); the first time for each domain is a warning in the log.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from daemon import libvirt as lv
 from daemon.config import Settings
 from daemon.domains.agent import LibvirtAgentTransport
 from daemon.domains.monitor import LibvirtMonitor, read_domain
+from daemon.domains.passthrough import read_through_qmp
 from daemon.fleet import SessionState, VMState
 from daemon.instruments import QMP_RECONNECTS
 from daemon.journal import Journal
@@ -81,6 +84,7 @@ class LibvirtSession(SessionBase):
         self._changed = asyncio.Event()  # the domain or the connection changed
         self._wake = asyncio.Event()  # poll now (a balloon change)
         self._attached_before = False
+        self._taint_warned = False
 
     # -- what the host tells ---------------------------------------------------------------------
 
@@ -139,6 +143,8 @@ class LibvirtSession(SessionBase):
                         stats_interval=self.settings.stats_interval,
                         nova=self.settings.libvirt_nova_metadata,
                     )
+                    if self.settings.libvirt_qmp_passthrough:
+                        await self._passthrough(domain)
                 except lv.LibvirtSourceError as exc:
                     self._failed(exc, domain)
                     self._set(S.DISCONNECTED, f"attach failed: {exc}")
@@ -155,6 +161,22 @@ class LibvirtSession(SessionBase):
             if self.state == S.RUNNING:
                 self._record_detach(STOPPING_CAUSE)
             self._set(S.STOPPED)
+
+    async def _passthrough(self, domain: lv.DomainRef) -> None:
+        """What only QMP tells, through libvirt (see ``daemon.domains.passthrough``)."""
+        if not self._taint_warned:
+            self._taint_warned = True
+            log.warning(
+                "%s: QMP passthrough is on: libvirt marks domain %s tainted (custom-monitor)",
+                self.vm.name,
+                domain.uuid,
+            )
+        try:
+            problems = await read_through_qmp(self.source, domain.uuid, self.vm)
+        except lv.Unsupported as exc:  # a driver with no QEMU monitor
+            problems = [str(exc)]
+        for problem in problems:
+            log.info("%s: QMP passthrough: %s", self.vm.name, problem)
 
     def _lost_cause(self) -> str:
         return f"libvirtd at {self.source.uri} is not connected: {self.source.last_error or '-'}"

@@ -2,7 +2,8 @@
 
 Through libvirt's API only (``libvirt-python``, the optional extra ``reclaimd[libvirt]``):
 domain events (lifecycle, balloon change...), ``memoryStats()``, the balloon target, the
-domain XML's memory facts, the guest agent, and QEMU's pid for the host view.
+domain XML's memory facts, the guest agent, and QEMU's pid for the host view; and QMP through
+libvirt (``monitor_command``), which taints the domain, for those who turn it on.
 
 - ``connection``: :class:`LibvirtSource`, the supervised connection (events and calls)
 - ``events``: the typed events it yields
@@ -52,6 +53,7 @@ from daemon.libvirt.errors import (
     DomainNotFound,
     DomainNotRunning,
     LibvirtSourceError,
+    MonitorCommandFailed,
     NotConnected,
     PermissionDenied,
     Unsupported,
@@ -116,6 +118,7 @@ __all__ = [
     "MemoryDeviceSizeChanged",
     "MemoryFailure",
     "MetadataChanged",
+    "MonitorCommandFailed",
     "NotConnected",
     "NovaInstance",
     "PermissionDenied",

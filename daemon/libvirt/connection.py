@@ -18,7 +18,7 @@ Where things run (see ``daemon.libvirt.eventloop`` for why):
 - a small thread pool (``workers``) runs every call that talks to libvirtd: ``open``, event
   (de)registration, ``setKeepAlive``, ``listAllDomains``, ``lookupByUUIDString``, ``XMLDesc``,
   ``info``, ``memoryStats``, ``setMemoryStatsPeriod``, ``setMemoryFlags``, ``qemuAgentCommand``,
-  ``close``. Each is bounded by a timeout; a call that times out keeps its
+  ``qemuMonitorCommand``, ``close``. Each is bounded by a timeout; a call that times out keeps its
   thread until libvirt gives up (keepalive closes a dead connection within ``keepalive_interval *
   (keepalive_count + 1)`` seconds), so a hung libvirtd exhausts the pool and later calls time out
   too instead of piling up.
@@ -53,6 +53,7 @@ from daemon.libvirt.errors import (
     BadReply,
     CallTimeout,
     LibvirtSourceError,
+    MonitorCommandFailed,
     NotConnected,
     from_libvirt_error,
     shorten,
@@ -88,6 +89,8 @@ DEFAULT_URI: Final = "qemu:///system"
 KiB: Final = 1024
 #: A guest agent's reply is guest-controlled: no reclaimd command needs more than this.
 MAX_AGENT_REPLY: Final = 1024 * 1024
+#: The most of a QMP reply through libvirt that is read (as a direct QMP connection reads).
+MAX_MONITOR_REPLY: Final = 1024 * 1024
 _STATES: Final = {
     0: "nostate",
     1: "running",
@@ -776,4 +779,36 @@ class LibvirtSource:
             raise BadReply(f"agent reply to {command}: not JSON: {shorten(str(exc))}") from exc
         if not isinstance(parsed, dict) or "return" not in parsed:
             raise BadReply(f"agent reply to {command}: no 'return': {shorten(reply, 120)}")
+        return parsed["return"]
+
+    async def monitor_command(
+        self, uuid: str, command: str, arguments: Mapping[str, object] | None = None
+    ) -> object:
+        """Run a QMP command in the domain's QEMU through libvirt
+        (``virDomainQemuMonitorCommand``) and return its ``return`` value.
+
+        libvirt marks the domain tainted ("custom-monitor", in the domain's log) the first time,
+        and supports no domain that reclaimd changes this way: send only commands that read.
+        Raises ``MonitorCommandFailed`` when QEMU answers with an error, ``Unsupported`` where
+        the driver has no QEMU monitor (``test:///``).
+        """
+        message: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = dict(arguments)
+        text = json.dumps(message)
+        reply: object = await self._domain_call(
+            "monitor command", uuid, lambda d: libvirt_qemu.qemuMonitorCommand(d, text, 0)
+        )
+        if not isinstance(reply, str) or len(reply) > MAX_MONITOR_REPLY:
+            raise BadReply(f"QMP reply to {command}: not a string of at most {MAX_MONITOR_REPLY}")
+        try:
+            parsed = json.loads(reply)
+        except ValueError as exc:
+            raise BadReply(f"QMP reply to {command}: not JSON: {shorten(str(exc))}") from exc
+        if isinstance(parsed, dict) and isinstance(error := parsed.get("error"), dict):
+            raise MonitorCommandFailed(
+                command, str(error.get("class", "?")), str(error.get("desc", ""))
+            )
+        if not isinstance(parsed, dict) or "return" not in parsed:
+            raise BadReply(f"QMP reply to {command}: no 'return': {shorten(reply, 120)}")
         return parsed["return"]

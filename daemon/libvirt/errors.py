@@ -13,6 +13,7 @@
           +-- PermissionDenied     the connection may not do it (read-only, authentication)
           +-- AgentUnavailable     no guest-agent channel, or no agent answering on it
           +-- AgentCommandFailed   the guest agent answered the command with an error
+          +-- MonitorCommandFailed QEMU answered a QMP passthrough command with an error
 
 Every error that wraps a ``libvirt.libvirtError`` keeps it as ``__cause__``.
 ``asyncio.CancelledError`` is never wrapped or swallowed.
@@ -33,6 +34,7 @@ __all__ = [
     "DomainNotFound",
     "DomainNotRunning",
     "LibvirtSourceError",
+    "MonitorCommandFailed",
     "NotConnected",
     "PermissionDenied",
     "Unsupported",
@@ -108,6 +110,15 @@ class AgentUnavailable(CallFailed):
 class AgentCommandFailed(CallFailed):
     """The guest agent answered the command with an error (or libvirt could not use the
     answer)."""
+
+
+class MonitorCommandFailed(CallFailed):
+    """QEMU answered a command passed through libvirt (``virDomainQemuMonitorCommand``) with
+    an error: ``error_class`` is QEMU's (``CommandNotFound``, ``GenericError``...)."""
+
+    def __init__(self, call: str, error_class: str, description: str) -> None:
+        super().__init__(call, None, None, shorten(f"{error_class}: {description}"))
+        self.error_class = error_class
 
 
 def _codes(*names: str) -> frozenset[int]:

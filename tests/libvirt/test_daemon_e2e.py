@@ -59,7 +59,7 @@ def names(rd: ReclaimdProcess) -> set[str]:
 
 
 def test_the_booted_domain_is_attached_through_libvirt(
-    rd: ReclaimdProcess, booted: BootedDomain
+    rd: ReclaimdProcess, booted: BootedDomain, libvirtd: PrivateLibvirtd
 ) -> None:
     name, spec = booted.spec.name, booted.spec
     detail = vm(rd, name)
@@ -78,6 +78,14 @@ def test_the_booted_domain_is_attached_through_libvirt(
     assert rd.metric("qemu_vm_up", vm=name) == 1.0
     info = rd.metric("qemu_vm_info", vm=name, uuid=spec.uuid, qemu_version="", attach="libvirt")
     assert info == 1.0
+    # No QMP passthrough unless asked for: libvirt would mark the domain tainted in its log.
+    assert balloon["free_page_hint"] is None  # only QMP tells it
+    assert "custom-monitor" not in domain_log(libvirtd, name)
+
+
+def domain_log(libvirtd: PrivateLibvirtd, name: str) -> str:
+    """libvirt's log of the domain (QEMU's command line, its stderr, and taint lines)."""
+    return (libvirtd.root / "log" / "qemu" / f"{name}.log").read_text(errors="replace")
 
 
 def test_stats_and_balloon_equal_virsh_dommemstat(
@@ -237,6 +245,48 @@ def test_a_transient_domain_goes_when_it_stops(
     finally:
         libvirtd.virsh("destroy", spec.name, check=False)
     rd.wait_for(lambda: spec.name not in names(rd), 10, "the stopped transient domain gone")
+
+
+def test_qmp_passthrough_when_asked_for_taints_and_tells_guest_physical_addresses(
+    rd: ReclaimdProcess, booted: BootedDomain, libvirtd: PrivateLibvirtd
+) -> None:
+    name = booted.spec.name
+    workdir = Path(tempfile.mkdtemp(prefix="rd-lv-qmp-"))
+    # A second reclaimd beside the first: libvirt serves both, and the first stays untainted.
+    qmp = ReclaimdProcess(workdir, ["--libvirt", libvirtd.uri, "--libvirt-qmp-passthrough"])
+    try:
+        qmp.wait_for(lambda: vm(qmp, name).get("up"), 15, "the domain attached")
+        detail = vm(qmp, name)
+        assert detail["balloon"]["free_page_hint"] is False  # qom-get through libvirt
+        assert "custom-monitor" in domain_log(libvirtd, name)  # libvirt's own taint record
+        warnings = [
+            line
+            for line in qmp.log.read_text(errors="replace").splitlines()
+            if "WARNING" in line and "QMP passthrough" in line
+        ]
+        assert len(warnings) == 1 and name in warnings[0] and "tainted" in warnings[0], warnings
+
+        # info mtree -f through libvirt: reported ranges get guest-physical addresses, which
+        # the first reclaimd (no passthrough) cannot tell.
+        since = time.time()
+        booted.control.send("alloc 60", timeout=60)
+        booted.control.send("free", timeout=60)
+        qmp.wait_for(
+            lambda: any(
+                r["at"] > since for r in qmp.get(f"/api/v1/vms/{name}/reported-ranges")["ranges"]
+            ),
+            60,
+            "ranges reported after the free",
+        )
+        fresh = [
+            r for r in qmp.get(f"/api/v1/vms/{name}/reported-ranges")["ranges"] if r["at"] > since
+        ]
+        assert fresh and all(isinstance(r["gpa"], int) for r in fresh), fresh[:3]
+        plain = rd.get(f"/api/v1/vms/{name}/reported-ranges")["ranges"]
+        assert plain and all(r["gpa"] is None for r in plain), plain[:3]
+    finally:
+        qmp.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_libvirtd_restart_keeps_the_vms_and_reattaches_them(

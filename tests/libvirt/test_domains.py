@@ -8,6 +8,7 @@ each test defines its own domains and removes them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
@@ -196,8 +197,38 @@ async def test_a_transient_domain_goes_when_it_stops(
 async def test_no_command_but_balloon_reaches_a_domain(daemon: Reclaimd) -> None:
     await until(lambda: (vm := daemon.fleet.get("test")) is not None and vm.up, "test attached")
     session = daemon.sessions["test"]
+    assert not daemon.settings.libvirt_qmp_passthrough  # off by default
     with pytest.raises(CommandFailed, match="not offered"):
         await session.command("human-monitor-command", {"command-line": "info mtree"})
+
+
+async def test_qmp_passthrough_on_a_driver_without_a_monitor_still_attaches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # test:/// has no QEMU monitor (virDomainQemuMonitorCommand is unsupported there): the
+    # attach goes on without what only QMP tells, and the API still sends only balloons. The
+    # private libvirtd's real domain is where passthrough works (test_daemon_e2e.py).
+    settings = Settings(
+        libvirt=TEST_URI,
+        journal=tmp_path / "j.sqlite3",
+        poll_interval=0.2,
+        libvirt_qmp_passthrough=True,
+    )
+    caplog.set_level(logging.INFO, logger="daemon.domains.session")
+    rd = Reclaimd(settings, host_view=False)
+    await rd.start()
+    try:
+        await until(lambda: (vm := rd.fleet.get("test")) is not None and vm.up, "test attached")
+        vm = rd.fleet.get("test")
+        assert vm is not None and vm.memory.mtree_text is None
+        assert vm.balloon.free_page_hint is None
+        warned = [r for r in caplog.records if "QMP passthrough is on" in r.getMessage()]
+        assert [r.levelname for r in warned] == ["WARNING"]
+        assert any("virDomainQemuMonitorCommand" in r.getMessage() for r in caplog.records)
+        with pytest.raises(CommandFailed, match="not offered"):
+            await rd.sessions["test"].command("query-status", {})
+    finally:
+        await rd.stop()
 
 
 async def test_a_domain_defined_before_reclaimd_starts_is_listed_down(
