@@ -1,5 +1,5 @@
-"""``LibvirtHost`` against a scripted source: what libvirt's test driver cannot make (a
-reconnect after domains came and went).
+"""``LibvirtHost`` and ``read_domain`` against a scripted source: the events libvirt's test
+driver cannot make (migrations, a reconnect after domains came and went) and the stats period.
 
 The sessions are real ``LibvirtSession`` objects (not run: the host only tells them what
 changed); the source answers from a dict of defined domains.
@@ -17,9 +17,11 @@ import pytest
 
 from daemon import libvirt as lv
 from daemon.config import Settings
-from daemon.domains import LibvirtHost, LibvirtSession
+from daemon.domains import LibvirtHost, LibvirtSession, read_domain
 from daemon.fleet import VMState
 from daemon.journal import Journal
+
+MiB = 1 << 20
 
 
 def xml(name: str, uuid: str, period: int | None) -> str:
@@ -32,7 +34,7 @@ def xml(name: str, uuid: str, period: int | None) -> str:
 
 
 class ScriptedSource:
-    """What LibvirtHost calls on a LibvirtSource, answered from ``defined``."""
+    """What LibvirtHost and read_domain call on a LibvirtSource, answered from ``defined``."""
 
     uri = "qemu:///scripted"
     connected = True
@@ -41,6 +43,7 @@ class ScriptedSource:
     def __init__(self) -> None:
         self.defined: dict[str, str] = {}  # uuid -> domain XML
         self.running: set[str] = set()
+        self.periods: list[tuple[str, int]] = []
 
     def define(self, name: str, *, period: int | None = 2) -> lv.DomainRef:
         uuid = str(uuidlib.uuid4())
@@ -54,6 +57,12 @@ class ScriptedSource:
 
     async def domain_facts(self, uuid: str, *, inactive: bool = False) -> lv.DomainFacts:
         return lv.parse_domain_xml(await self.domain_xml(uuid))
+
+    async def qemu_pid(self, domain: lv.DomainRef) -> int | None:
+        return None
+
+    async def set_memory_stats_period(self, uuid: str, period: int) -> None:
+        self.periods.append((uuid, period))
 
 
 class Harness:
@@ -92,6 +101,51 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield Harness(journal)
 
 
+def lifecycle(domain: lv.DomainRef, kind: lv.Lifecycle, detail: str) -> lv.LifecycleChanged:
+    return lv.LifecycleChanged(time.time(), domain, kind, detail)
+
+
+# -- migrations -----------------------------------------------------------------------------------
+
+
+async def test_an_incoming_migration_attaches_and_an_outgoing_one_drops_the_vm(
+    harness: Harness,
+) -> None:
+    await harness.apply(lv.Connected(time.time(), harness.source.uri, ()))
+    assert harness.host.sessions == {}
+    domain = harness.source.define("mig")  # the incoming migration defines it here
+
+    # Migrated in: STARTED "migrated" makes a running VM at once.
+    incoming = lv.DomainRef(domain.uuid, domain.name, id=7)
+    await harness.apply(lifecycle(incoming, lv.Lifecycle.STARTED, "migrated"))
+    session = harness.session(domain)
+    assert session.active and session.domain == incoming
+    assert session.vm.event_counts == {"LIFECYCLE_STARTED": 1}
+
+    # Migrated away: STOPPED "migrated" drops it at once, although the domain is still
+    # defined here (a persistent source keeps its definition): it runs on another host now.
+    assert domain.uuid in harness.source.defined
+    await harness.apply(lifecycle(incoming, lv.Lifecycle.STOPPED, "migrated"))
+    assert not session.active and session.stopped_cause == "stopped (migrated)"
+    assert session.vm.event_counts["LIFECYCLE_STOPPED"] == 1
+    assert domain.uuid not in harness.host.sessions
+    assert harness.vanished == ["mig"]
+
+
+async def test_a_stop_that_is_no_migration_keeps_the_defined_vm(harness: Harness) -> None:
+    domain = harness.source.define("kept")
+    running = lv.DomainRef(domain.uuid, domain.name, id=3)
+    await harness.apply(lv.Connected(time.time(), harness.source.uri, (running,)))
+    await harness.apply(lifecycle(running, lv.Lifecycle.STOPPED, "destroyed"))
+    session = harness.session(domain)
+    assert not session.active and session.stopped_cause == "stopped (destroyed)"
+    assert harness.vanished == []
+    # Migrated back in later: the same VM record, running again with the new instance.
+    back = lv.DomainRef(domain.uuid, domain.name, id=9)
+    await harness.apply(lifecycle(back, lv.Lifecycle.STARTED, "migrated"))
+    assert harness.session(domain) is session and session.active and session.domain == back
+
+
 # -- snapshots: defined domains, and what changed while libvirtd was away -------------------------
 
 
@@ -118,3 +172,31 @@ async def test_defined_domains_are_listed_down_and_a_reconnect_brings_the_change
     assert not harness.session(new).active
     assert set(harness.host.sessions) == {up.uuid, down.uuid, new.uuid}
     assert harness.vanished == ["gone"]
+
+
+# -- the stats period at attach -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("period", "stats_interval", "set_to"),
+    [
+        (0, 5, 5),  # 0 (off) and configured: set to the configured interval
+        (None, 3, 3),  # no <stats> element: QEMU's default is off too
+        (0, 0, None),  # stats_interval 0: the domain is left alone
+        (2, 5, None),  # a period of its own is kept
+    ],
+)
+async def test_the_stats_period_is_set_only_when_off_and_configured(
+    period: int | None, stats_interval: int, set_to: int | None
+) -> None:
+    source = ScriptedSource()
+    domain = source.define("d", period=period)
+    vm = VMState("d", "libvirt:x", "libvirt")
+    await read_domain(source, domain, vm, stats_interval=stats_interval)  # type: ignore[arg-type]
+    if set_to is None:
+        assert source.periods == []
+        assert vm.balloon.stats_polling_interval == (period or 0)
+    else:
+        assert source.periods == [(domain.uuid, set_to)]
+        assert vm.balloon.stats_polling_interval == set_to
+    assert vm.memory.ram_bytes == 256 * MiB
