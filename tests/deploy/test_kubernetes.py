@@ -10,11 +10,15 @@ are promtool-checked (they equal deploy/prometheus/rules, see test_prometheus_ru
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
+import yaml
 
 from daemon.config import Settings
 from tests.deploy.support import DEPLOY, load_yaml, load_yaml_all, setting_env_names
@@ -176,7 +180,37 @@ def test_every_resource_lives_in_the_namespace() -> None:
     assert load_yaml(KUBE / "kustomization.yaml")["namespace"] == namespace
 
 
-def test_the_libvirt_overlay_adds_the_socket_read_only_and_nothing_else() -> None:
+# kustomize's strategic merge keys for the lists the libvirt overlay patches.
+MERGE_KEYS = {"containers": "name", "env": "name", "volumeMounts": "mountPath", "volumes": "name"}
+
+
+def strategic_merge(base: Any, patch: Any, key: str | None = None) -> Any:
+    """``patch`` merged into ``base`` as kustomize merges a DaemonSet patch: maps by key, the
+    lists above by their merge key, ``$patch: delete`` removing the item it names (which must
+    exist: a delete of nothing would hide a renamed base item)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for k, v in patch.items():
+            merged[k] = strategic_merge(base[k], v, k) if k in base else v
+        return merged
+    if isinstance(base, list) and key in MERGE_KEYS:
+        by = MERGE_KEYS[key]
+        merged_list = list(base)
+        added = []
+        for item in patch:
+            at = [i for i, b in enumerate(merged_list) if b[by] == item[by]]
+            if item.get("$patch") == "delete":
+                assert at, f"the patch deletes {key} {item[by]!r}, which the base does not have"
+                del merged_list[at[0]]
+            elif at:
+                merged_list[at[0]] = strategic_merge(merged_list[at[0]], item)
+            else:
+                added.append(item)
+        return added + merged_list
+    return patch
+
+
+def libvirt_daemonset() -> dict[str, Any]:
     overlay = DEPLOY / "kubernetes-libvirt"
     kustomization = load_yaml(overlay / "kustomization.yaml")
     assert kustomization["resources"] == ["../kubernetes"]
@@ -185,20 +219,68 @@ def test_the_libvirt_overlay_adds_the_socket_read_only_and_nothing_else() -> Non
     base = by_kind("DaemonSet")
     assert patch["kind"] == base["kind"]
     assert all(base["metadata"][k] == v for k, v in patch["metadata"].items())
-    # Merged as kustomize's strategic merge does for these lists (by name).
-    pod, extra = base["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
-    (c,), (more,) = pod["containers"], extra["containers"]
+    # The overlay touches the container's environment and mounts and the pod's volumes, and
+    # nothing else: no capability, privilege or host namespace beyond the base's.
+    extra = patch["spec"]["template"]["spec"]
+    assert set(extra) == {"containers", "volumes"}
+    (more,) = extra["containers"]
     assert set(more) == {"name", "env", "volumeMounts"}
-    c["env"] = more["env"] + c["env"]
-    c["volumeMounts"] += more["volumeMounts"]
-    pod["volumes"] += extra["volumes"]
-    kubernetes_validate.validate(base, KUBERNETES_VERSION, strict=True)
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["RECLAIMD_LIBVIRT"] == "qemu:///system"
-    assert "RECLAIMD_LIBVIRT" in setting_env_names()
-    (mount,) = more["volumeMounts"]
-    assert mount == {"name": "libvirt-run", "mountPath": "/run/libvirt", "readOnly": True}
-    (volume,) = extra["volumes"]
-    assert volume["hostPath"]["path"] == "/run/libvirt"
-    # No capability, privilege or host namespace beyond the base's.
-    assert "securityContext" not in more and set(extra) == {"containers", "volumes"}
+    merged: dict[str, Any] = strategic_merge(base, patch)
+    return merged
+
+
+def test_the_libvirt_overlay_has_the_libvirt_socket_read_only_and_no_qmp_paths() -> None:
+    daemonset = libvirt_daemonset()
+    kubernetes_validate.validate(daemonset, KUBERNETES_VERSION, strict=True)
+    pod = daemonset["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert set(env) <= setting_env_names(), set(env) - setting_env_names()
+    assert env["RECLAIMD_LIBVIRT"]["value"] == "qemu:///system"
+    # Neither QMP attach mode: no socket glob, no listen socket, and their paths are gone.
+    assert "RECLAIMD_SOCKET_GLOB" not in env and "RECLAIMD_LISTEN_SOCKET" not in env
+    settings = Settings(
+        **{n[len("RECLAIMD_") :].lower(): e["value"] for n, e in env.items() if "value" in e}
+    )
+    assert settings.socket_glob is None and settings.listen_socket is None
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert set(mounts) == {"/run/libvirt", str(settings.journal.parent), "/tmp"}
+    assert mounts["/run/libvirt"] == {
+        "name": "libvirt-run",
+        "mountPath": "/run/libvirt",
+        "readOnly": True,
+    }
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"libvirt-run": "/run/libvirt", "journal": "/var/lib/reclaimd"}
+    # Written on the host: the journal only.
+    writable = {mounts[p]["name"] for p in mounts if not mounts[p].get("readOnly")}
+    assert writable & set(host_paths) == {"journal"}
+    # The base's rights, no more: the one capability for the host view, and hostPID.
+    assert c["securityContext"] == container()["securityContext"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE"]}
+    base_pod = by_kind("DaemonSet")["spec"]["template"]["spec"]
+    assert {k: v for k, v in pod.items() if k not in ("containers", "volumes")} == {
+        k: v for k, v in base_pod.items() if k not in ("containers", "volumes")
+    }
+    assert "/run/qemu" not in str(daemonset) and "/run/reclaimd" not in str(daemonset)
+
+
+def test_the_libvirt_overlay_builds_with_kustomize_as_merged_here(
+    not_run: Callable[[str], None],
+) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        not_run("kubectl not found: the libvirt overlay was merged by this test only")
+        return
+    built = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes-libvirt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    (daemonset,) = [d for d in yaml.safe_load_all(built) if d["kind"] == "DaemonSet"]
+    ours = libvirt_daemonset()
+    ours["spec"]["template"]["spec"]["containers"][0]["image"] = "ignored"
+    daemonset["spec"]["template"]["spec"]["containers"][0]["image"] = "ignored"
+    assert daemonset == ours
