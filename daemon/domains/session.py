@@ -38,7 +38,7 @@ from daemon.fleet import SessionState, VMState
 from daemon.instruments import QMP_RECONNECTS
 from daemon.journal import Journal
 from daemon.qmp.errors import CommandFailed, SessionLost
-from daemon.qmp.intake import counted_name, record
+from daemon.qmp.intake import count_event
 from daemon.qmp.schedule import PollSchedule
 from daemon.qmp.session import STOPPING_CAUSE, Cycle, SessionBase, Transitions, poll_only
 
@@ -117,11 +117,7 @@ class LibvirtSession(SessionBase):
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:
         """Record a domain event in the journal and the VM's counts."""
-        vm = self.vm
-        counted = counted_name(vm.event_counts, name)
-        record(self.journal, vm.name, "event", name, data, count_as=counted)
-        vm.event_counts[counted] = vm.event_counts.get(counted, 0) + 1
-        vm.last_event, vm.last_event_time = name, time.time()
+        count_event(self.vm, self.journal, name, data, qemu_time=None, at=time.time())
 
     # -- the session -----------------------------------------------------------------------------
 

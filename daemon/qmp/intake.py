@@ -167,6 +167,25 @@ def fold_event_counts(counts: Mapping[str, int]) -> dict[str, int]:
     return folded
 
 
+def count_event(
+    vm: VMState,
+    journal: Journal,
+    name: str,
+    data: Mapping[str, Any],
+    *,
+    qemu_time: float | None,
+    at: float | None,
+) -> bool:
+    """Journal one event of ``vm`` and count it in the VM's event counts (under
+    :func:`counted_name`, journal and counts alike), as its last event at ``at``; False if the
+    journal did not take it. ``qemu_time``: QEMU's own time of the event, when it gave one."""
+    counted = counted_name(vm.event_counts, name)
+    taken = record(journal, vm.name, "event", name, data, qemu_time, count_as=counted)
+    vm.event_counts[counted] = vm.event_counts.get(counted, 0) + 1
+    vm.last_event, vm.last_event_time = name, at
+    return taken
+
+
 def apply_event(
     vm: VMState, msg: Mapping[str, Any], journal: Journal, followups: Followups
 ) -> str | None:
@@ -178,11 +197,8 @@ def apply_event(
     raw = msg.get("data")
     data: dict[str, Any] = clean_json(raw) if isinstance(raw, Mapping) else {}
     when = qmp_timestamp(msg.get("timestamp"))
-    counted = counted_name(vm.event_counts, name)
-    if not record(journal, vm.name, "event", name, data, when, count_as=counted):
+    if not count_event(vm, journal, name, data, qemu_time=when, at=when):
         count_dropped(vm)
-    vm.event_counts[counted] = vm.event_counts.get(counted, 0) + 1
-    vm.last_event, vm.last_event_time = name, when
 
     if name == "BALLOON_CHANGE":
         # Guest-controlled through QEMU's arithmetic: never more than the VM's RAM.

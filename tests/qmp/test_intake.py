@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from daemon.fleet import Fleet
+from daemon.journal import Journal
 from daemon.qmp.intake import (
     FOLLOWED_EVENTS,
     INVALID_EVENT,
@@ -10,6 +13,7 @@ from daemon.qmp.intake import (
     OTHER_EVENTS,
     EventBudget,
     Followups,
+    count_event,
     counted_name,
     drop_event,
     event_name,
@@ -41,6 +45,36 @@ def test_counts_from_an_old_journal_are_folded_keeping_the_largest() -> None:
     assert sum(folded.values()) == sum(old.values())
     assert len(folded) == MAX_EVENT_NAMES + 2  # 64 names, SHUTDOWN, other
     assert folded["SHUTDOWN"] == 1 and "EV_999" in folded and "EV_0" not in folded
+
+
+class _Submitted:
+    """What ``Journal.submit`` was handed; ``full``: it takes nothing (a saturated journal)."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
+        self.entries: list[tuple[Any, ...]] = []
+
+    def submit(self, *entry: Any, count_as: str | None = None) -> int | None:
+        self.entries.append((*entry, count_as))
+        return None if self.full else len(self.entries)
+
+
+def test_an_event_counts_under_one_name_in_the_journal_and_the_vm() -> None:
+    vm = Fleet().add("vm", "unix:/x", "connect")
+    submitted = _Submitted()
+    journal = cast(Journal, submitted)
+    for i in range(MAX_EVENT_NAMES + 2):
+        assert count_event(vm, journal, f"EV_{i}", {}, qemu_time=None, at=float(i))
+    assert count_event(vm, journal, "STOP", {"n": 1}, qemu_time=5.5, at=7.0)
+    assert vm.event_counts[OTHER_EVENTS] == 2 and vm.event_counts["STOP"] == 1
+    assert [e[-1] for e in submitted.entries[-3:]] == [OTHER_EVENTS, OTHER_EVENTS, "STOP"]
+    assert submitted.entries[-1] == ("vm", "event", "STOP", {"n": 1}, 5.5, "STOP")
+    assert (vm.last_event, vm.last_event_time) == ("STOP", 7.0)
+    # A journal that takes nothing: the VM still counts the event, the caller hears of it.
+    assert not count_event(
+        vm, cast(Journal, _Submitted(full=True)), "STOP", {}, qemu_time=None, at=8.0
+    )
+    assert vm.event_counts["STOP"] == 2
 
 
 def test_the_budget_refills_at_its_rate() -> None:
