@@ -1,5 +1,5 @@
-"""The systemd unit: verified and scored by systemd-analyze, offline, and consistent with
-reclaimd's configuration."""
+"""The systemd unit and its drop-in for libvirt hosts: verified and scored by systemd-analyze,
+offline, and consistent with reclaimd's configuration."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tests.deploy.support import DEPLOY, setting_env_names
 
 SYSTEMD = DEPLOY / "systemd"
 UNIT = SYSTEMD / "reclaimd.service"
+LIBVIRT_DROP_IN = SYSTEMD / "libvirt.conf"
 # systemd-analyze security's 0-10 scale: 2.0 today; a change that weakens the sandbox fails here.
 MAX_EXPOSURE = 2.5
 
@@ -37,9 +38,19 @@ def unit_for_this_machine(tmp_path: Path) -> Path:
     return path
 
 
-def directives() -> list[tuple[str, str]]:
+def with_libvirt_drop_in(tmp_path: Path, text: str | None = None) -> Path:
+    """The unit as above, with the libvirt drop-in (or ``text``) where systemd looks for its
+    drop-ins: NAME.service.d/ beside it."""
+    unit = unit_for_this_machine(tmp_path)
+    drop_ins = tmp_path / "reclaimd.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "libvirt.conf").write_text(LIBVIRT_DROP_IN.read_text() if text is None else text)
+    return unit
+
+
+def directives(path: Path = UNIT) -> list[tuple[str, str]]:
     pairs = []
-    for line in UNIT.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             pairs.append((key, value))
@@ -49,6 +60,34 @@ def directives() -> list[tuple[str, str]]:
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     done = analyze("verify", str(unit_for_this_machine(tmp_path)))
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_systemd_analyze_verify_with_the_libvirt_drop_in(tmp_path: Path) -> None:
+    done = analyze("verify", str(with_libvirt_drop_in(tmp_path)))
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_verify_reads_the_drop_in(tmp_path: Path) -> None:
+    # What makes the test above a test of the drop-in: a mistake in it is reported.
+    broken = LIBVIRT_DROP_IN.read_text() + "SupplementaryGroup=libvirt\n"
+    done = analyze("verify", str(with_libvirt_drop_in(tmp_path, broken)))
+    assert "libvirt.conf" in done.stderr and "SupplementaryGroup" in done.stderr, done.stderr
+
+
+def test_the_libvirt_drop_in_adds_the_uri_the_group_and_no_capability(tmp_path: Path) -> None:
+    found = directives(LIBVIRT_DROP_IN)
+    keys = {key for key, _ in found}
+    assert keys == {"After", "Environment", "SupplementaryGroups"}, keys
+    assert dict(found)["SupplementaryGroups"] == "libvirt"
+    assert set(dict(found)["After"].split()) == {"libvirtd.service", "virtqemud.service"}
+    names = set(re.findall(r"^#?Environment=(RECLAIMD_\w+)=", LIBVIRT_DROP_IN.read_text(), re.M))
+    assert "RECLAIMD_LIBVIRT" in names and names <= setting_env_names(), names
+    assert ("Environment", "RECLAIMD_LIBVIRT=qemu:///system") in found
+    # The unit's sandbox scores the same with the drop-in.
+    done = analyze("security", "--offline=true", "--no-pager", str(with_libvirt_drop_in(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"Overall exposure level for reclaimd\.service: (\d+\.\d+)", done.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, done.stdout[-2000:]
 
 
 def test_security_exposure_is_low(tmp_path: Path) -> None:
