@@ -4,12 +4,12 @@
 # (prlimit, from util-linux) and the libvirt source: libvirtd and virsh for its e2e tests, and
 # what building the libvirt-python binding (the test extra includes reclaimd[libvirt]) needs:
 # libvirt-dev, pkg-config, gcc and the Python headers; Chromium (headless) for the status page's
-# browser test.
+# browser test; Debian's prometheus-libvirt-exporter, which bench/bench_libvirt.py compares with.
 # Needs root (or sudo). Idempotent: installs only what is missing.
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static qemu-guest-agent cpio prometheus python3-venv systemd
   util-linux libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
-  chromium fonts-dejavu-core)
+  chromium fonts-dejavu-core prometheus-libvirt-exporter)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
