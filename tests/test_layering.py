@@ -29,45 +29,40 @@ def copy_tree(dest: Path) -> Path:
     return dest
 
 
+def broken_by(tmp_path: Path, module: str, line: str) -> str:
+    """lint-imports' report on a copy of the tree with ``line`` added to ``module`` (a path
+    in the tree), which must break the contract."""
+    tree = copy_tree(tmp_path)
+    path = tree / module
+    path.write_text(path.read_text() + f"\n{line}  # noqa: E402\n")
+    result = lint_imports(tree)
+    assert result.returncode != 0, result.stdout
+    return result.stdout
+
+
 def test_the_tree_keeps_the_contract(tmp_path: Path) -> None:
     result = lint_imports(copy_tree(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_an_upward_import_breaks_it(tmp_path: Path) -> None:
-    tree = copy_tree(tmp_path)
-    diff = tree / "daemon" / "ledger" / "diff.py"
-    diff.write_text(diff.read_text() + "\nfrom daemon.qmp import probe  # noqa: E402\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "daemon.ledger.diff -> daemon.qmp.probe" in result.stdout, result.stdout
+    report = broken_by(tmp_path, "daemon/ledger/diff.py", "from daemon.qmp import probe")
+    assert "daemon.ledger.diff -> daemon.qmp.probe" in report, report
 
 
 def test_the_api_reaching_past_the_fleet_breaks_it(tmp_path: Path) -> None:
-    tree = copy_tree(tmp_path)
-    route = tree / "api" / "routes" / "host.py"
-    route.write_text(route.read_text() + "\nfrom daemon.ledger import ranges  # noqa: E402\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "api.routes.host -> daemon.ledger.ranges" in result.stdout, result.stdout
+    report = broken_by(tmp_path, "api/routes/host.py", "from daemon.ledger import ranges")
+    assert "api.routes.host -> daemon.ledger.ranges" in report, report
 
 
 def test_the_model_importing_the_ledger_breaks_the_layers(tmp_path: Path) -> None:
     # Only the layers contract covers the model: the ledger's and the API's are not involved.
-    tree = copy_tree(tmp_path)
-    costs = tree / "daemon" / "model" / "costs.py"
-    costs.write_text(costs.read_text() + "\nfrom daemon.ledger import diff  # noqa: E402\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "Contracts: 2 kept, 1 broken." in result.stdout, result.stdout
-    assert "daemon.model.costs -> daemon.ledger.diff" in result.stdout, result.stdout
+    report = broken_by(tmp_path, "daemon/model/costs.py", "from daemon.ledger import diff")
+    assert "Contracts: 2 kept, 1 broken." in report, report
+    assert "daemon.model.costs -> daemon.ledger.diff" in report, report
 
 
 def test_the_owner_only_files_importing_the_config_breaks_the_layers(tmp_path: Path) -> None:
     # daemon.files sits in the layer below the configuration, as the documented layering has it.
-    tree = copy_tree(tmp_path)
-    files = tree / "daemon" / "files.py"
-    files.write_text(files.read_text() + "\nfrom daemon import config  # noqa: E402\n")
-    result = lint_imports(tree)
-    assert result.returncode != 0
-    assert "daemon.files -> daemon.config" in result.stdout, result.stdout
+    report = broken_by(tmp_path, "daemon/files.py", "from daemon import config")
+    assert "daemon.files -> daemon.config" in report, report
