@@ -134,10 +134,7 @@ class VMCycle:
         self._agent_task: asyncio.Task[FreeLists | AgentProblem] | None = None
         self._agent_asked: tuple[float, int] | None = None  # (monotonic, free bytes) of the last
         self._key: tuple[Any, ...] | None = None
-        self._next_scan = 0.0
-        # The budget's bound: no scan before this, whatever asks for one (moved stats, a report
-        # due). With many VMs it wins, and a report is seen a little later, not at its time.
-        self._earliest_scan = 0.0
+        self._next_scan = 0.0  # when the cadence (or a report due) wants the next scan
         self._cpu_seconds = 0.0  # of the last scan
         self._scanned_at = -FULL_SCAN_EVERY  # time.monotonic() of the last scan
         # Whether the host view moved at the last look (see _scan_if_due): the daemon shares
@@ -176,7 +173,7 @@ class VMCycle:
         if now > due + REPORT_LOOK_WINDOW or due - now > MAX_REPORT_WAIT:
             return None
         after = due - now + REPORT_LOOK_AFTER if now < due else REPORT_LOOK_EVERY
-        at = max(time.monotonic() + after, self._earliest_scan)
+        at = max(time.monotonic() + after, self._earliest_scan())
         if at - time.monotonic() > due - now + REPORT_LOOK_WINDOW:
             return None  # the budget allows no look in the window: the schedule's scan will do
         self._next_scan = min(self._next_scan, at)
@@ -292,7 +289,8 @@ class VMCycle:
                 return None
         else:
             self.moving = True
-        if now < self._next_scan and not (moved and now >= self._earliest_scan):
+        earliest = self._earliest_scan()
+        if now < max(self._next_scan, earliest) and not (moved and now >= earliest):
             return None
         self._free_at_scan = free
         loop = asyncio.get_running_loop()
@@ -311,12 +309,17 @@ class VMCycle:
             return
         obs = self.ledger.observe(scan, self.vm.balloon.actual_bytes)
         RESIDENCY_SCAN_SECONDS.observe(scan.seconds)
+        self.cadence.next_interval(self._cpu_seconds, obs.changed)
+        self._next_scan = time.monotonic() + self.cadence.wanted
+
+    def _earliest_scan(self) -> float:
+        """The budget's bound: no scan before this, whatever asks for one (moved stats, a
+        report due). With many VMs it wins, and a report is seen a little later, not at its
+        time. Worked out from the share of now, not of the last scan's time: the share grows
+        as other VMs are found idle, and a VM scanned while all moved must not wait for ever."""
         self.cadence.budget = self.budget()
-        wait = self.cadence.next_interval(self._cpu_seconds, obs.changed)
-        now = time.monotonic()
-        self._next_scan = now + wait
         cost = self.cadence.cost
-        self._earliest_scan = now + (cost / self.cadence.budget if cost else 0.0)
+        return self._scanned_at + (cost / self.cadence.budget if cost else 0.0)
 
     def _publish(self) -> None:
         vm, now = self.vm, time.time()

@@ -32,6 +32,7 @@ from tests.qmp.test_session import eventually
 
 MiB = 1 << 20
 BURN = 0.03  # CPU-seconds of Python work a scan does besides the scanner syscalls
+UNBOUNDED = 1e6  # a scan budget that never holds a scan back: for tests about something else
 
 
 class Idle:
@@ -121,7 +122,7 @@ async def test_a_view_that_did_not_move_is_confirmed_without_a_scan() -> None:
         child.touch("ram", [(0, 1024)])
         vm = Fleet().add("vm1", "unix:/x", "connect")
         vm.pid = child.pid
-        cycle = VMCycle(vm, budget=lambda: 1.0, scanner=scanner)
+        cycle = VMCycle(vm, budget=lambda: UNBOUNDED, scanner=scanner)
         cycle.view = HostView(child.pid, blocks)
         cycle._ensure_view = lambda: cycle.view  # type: ignore[assignment,method-assign,return-value]
         await cycle(Idle())
@@ -185,7 +186,7 @@ async def test_a_cycle_polls_scans_reads_the_balloon_after_the_scan_and_publishe
     server = await FakeQMPServer(sockdir / "vm1.qmp", fake_vm(), tcp=True).start()
     vm = Fleet().add("vm1", server.address, "connect")
     vm.pid = qemu_like.pid  # TCP: the socket cannot tell QEMU's pid
-    cycle = VMCycle(vm, budget=lambda: 1.0)
+    cycle = VMCycle(vm, budget=lambda: UNBOUNDED)
     monitor = await attached(server, vm, settings)
     try:
         await cycle(monitor)
@@ -245,7 +246,7 @@ async def test_trouble_with_the_monitor_reaches_the_session_and_a_host_view_bug_
     server = await FakeQMPServer(sockdir / "vm1.qmp", fake_vm(), tcp=True).start()
     vm = Fleet().add("vm1", server.address, "connect")
     vm.pid = qemu_like.pid
-    cycle = VMCycle(vm, budget=lambda: 1.0)
+    cycle = VMCycle(vm, budget=lambda: UNBOUNDED)
     monitor = await attached(server, vm, settings)
     try:
 
@@ -355,3 +356,15 @@ def test_the_scan_budget_is_shared_by_the_vms_that_move(settings: Settings) -> N
         c.moving = False
     daemon._moving_counted_at -= 1.0
     assert daemon._scan_budget_share() == pytest.approx(0.06)
+
+
+def test_the_budget_bound_follows_the_share_of_now() -> None:
+    # Scanned while all 500 VMs moved, a VM must not wait out that share's bound once the
+    # others were found idle.
+    share = [0.05 / 500]
+    cycle = VMCycle(Fleet().add("vm1", "unix:/x", "connect"), budget=lambda: share[0])
+    cycle.cadence.next_interval(0.002, changed=True)  # a scan of 2 ms
+    cycle._scanned_at = time.monotonic()
+    assert cycle._earliest_scan() - cycle._scanned_at == pytest.approx(20.0)
+    share[0] = 0.05 / 50
+    assert cycle._earliest_scan() - cycle._scanned_at == pytest.approx(2.0)

@@ -46,6 +46,11 @@ class ScanCadence:
         return max(self._target, self.cost / self.budget)
 
     @property
+    def wanted(self) -> float:
+        """The interval the changes ask for, before the budget's bound."""
+        return self._target
+
+    @property
     def budget_bound(self) -> bool:
         """Whether the CPU budget, not the wanted interval, sets the pace now."""
         return self.cost is not None and self.cost / self.budget > self._target
