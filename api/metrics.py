@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_LATEST
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
@@ -29,7 +29,9 @@ from daemon.instruments import REGISTRY as DAEMON_REGISTRY
 from daemon.model import MAX_PAGE_ORDER
 from daemon.untrusted import ZERO_UUID
 
-TEXT_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST  # text 0.0.4
+# The text format written here is the classic 0.0.4 one (prometheus_client's CONTENT_TYPE_LATEST
+# names 1.0.0, a format with UTF-8 names and escaping that this writer does not produce).
+TEXT_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 OPENMETRICS_CONTENT_TYPE: Final = OPENMETRICS_LATEST  # OpenMetrics 1.0.0
 _ORDERS = tuple(str(order) for order in range(MAX_PAGE_ORDER + 1))
 # The estimate's components by family, so that every family's sum over its label means

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import httpx
 import pytest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
@@ -18,7 +19,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from api.app import create_app
-from api.metrics import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, exposition
+from api.metrics import exposition
 from daemon.config import Settings
 from daemon.fleet import Fleet
 from daemon.service import Reclaimd
@@ -28,6 +29,9 @@ from tests.api.test_metrics_golden import NOW, known_fleet
 
 Parser = Callable[[str], Iterable[Metric]]
 FORMATS: list[tuple[bool, Parser]] = [(False, parse_text), (True, parse_openmetrics)]
+# Spelt out, not taken from api.metrics or prometheus_client, so that a change of either shows.
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_1_0_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 @pytest.mark.parametrize(("openmetrics", "parse"), FORMATS, ids=["text", "openmetrics"])
@@ -101,16 +105,16 @@ def test_promtool_check_metrics_is_clean() -> None:
 @pytest.mark.parametrize(
     ("accept", "encoding", "content_type", "gzipped"),
     [
-        ("", "", TEXT_CONTENT_TYPE, False),
+        ("", "", TEXT_0_0_4, False),
         # What Prometheus 2.x and 3.x send: OpenMetrics preferred.
         (
             "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1",
             "gzip",
-            OPENMETRICS_CONTENT_TYPE,
+            OPENMETRICS_1_0_0,
             True,
         ),
-        ("text/plain;version=0.0.4", "gzip;q=0, identity", TEXT_CONTENT_TYPE, False),
-        ("application/openmetrics-text;q=0", "deflate, GZIP", TEXT_CONTENT_TYPE, True),
+        ("text/plain;version=0.0.4", "gzip;q=0, identity", TEXT_0_0_4, False),
+        ("application/openmetrics-text;q=0", "deflate, GZIP", TEXT_0_0_4, True),
     ],
 )
 async def test_the_route_negotiates_format_and_encoding(
@@ -130,5 +134,18 @@ async def test_the_route_negotiates_format_and_encoding(
     assert reply.headers.get("content-encoding") == ("gzip" if gzipped else None)
     assert "Accept-Encoding" in reply.headers["vary"]
     # httpx decodes gzip: the body read back is the exposition either way.
-    parse = parse_openmetrics if content_type == OPENMETRICS_CONTENT_TYPE else parse_text
+    parse = parse_openmetrics if content_type == OPENMETRICS_1_0_0 else parse_text
     assert "qemu_vm_up" in {family.name for family in parse(reply.text)}
+
+
+@pytest.mark.parametrize("accept", ["", "*/*", "text/plain", "text/plain;version=0.0.4"])
+def test_the_text_content_type_is_the_one_prometheus_client_answers(accept: str) -> None:
+    # prometheus_client's own negotiation names the classic text format for these; its
+    # CONTENT_TYPE_LATEST (version=1.0.0) is not what either writer produces.
+    assert choose_encoder(accept)[1] == TEXT_0_0_4
+
+
+def test_the_openapi_document_declares_the_content_types_served(settings: Settings) -> None:
+    doc = create_app(settings, Reclaimd(settings)).openapi()
+    content = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(content) == [TEXT_0_0_4, OPENMETRICS_1_0_0]
