@@ -30,16 +30,25 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from daemon.model.cli import parse_size
 from daemon.untrusted import one_line
@@ -355,7 +364,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: {exc}") from None
     try:
-        env_values = Settings().model_dump(exclude_unset=True) if _any_env() else {}
+        env_values = _from_env().model_dump(exclude_unset=True) if _any_env() else {}
     except ValidationError as exc:
         raise ConfigError(_explain(exc, lambda field: env_name(field))) from None
     flags = {k: v for k, v in overrides.items() if v is not None}
@@ -370,9 +379,29 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     try:
         # Explicit values outrank the environment in pydantic-settings, so the merge above decides.
-        return Settings(**merged)
+        return _from_env(**merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+
+
+def _from_env(**values: Any) -> Settings:
+    """``Settings(**values)``, with pydantic-settings' own error (a list or table variable,
+    such as ``RECLAIMD_VM``, that is not JSON) as a ConfigError naming the variable."""
+    try:
+        return Settings(**values)
+    except SettingsError as exc:
+        found = re.search(r'field "(\w+)"', str(exc))
+        if found is None:
+            raise ConfigError(one_line(str(exc), 1000)) from None
+        name = env_name(found[1])
+        # Variables are read case-insensitively: the one set, whatever its case.
+        value = next((v for k, v in os.environ.items() if k.upper() == name), "")
+        cause = exc.__cause__
+        reason = "not JSON" if isinstance(cause, json.JSONDecodeError) else "cannot be read"
+        reason += f" ({cause})" if cause is not None else ""
+        if name != env_name("token"):  # never the secret
+            reason += f" (got {value[:40]!r})"
+        raise ConfigError(one_line(f"{name}: {reason}", 1000)) from None
 
 
 def _explain(exc: ValidationError, source: Callable[[str], str]) -> str:

@@ -70,6 +70,12 @@ def run_cli(
     )
 
 
+def scratch(tmp_path: Path) -> tuple[str, ...]:
+    """Flags that keep a daemon started by mistake (a check that let a bad value through) off
+    the default port and state directory."""
+    return ("--listen", "127.0.0.1:0", "--journal", str(tmp_path / "journal.sqlite3"))
+
+
 def first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 
@@ -100,13 +106,18 @@ def test_a_bad_flag_prints_the_sub_commands_usage() -> None:
             {"RECLAIMD_TOKEN": "short"},
             "reclaimd: RECLAIMD_TOKEN: token must be at least 16 characters (or unset to disable)",
         ),
+        # A list setting is read as JSON by pydantic-settings, which raises its own error.
+        (
+            {"RECLAIMD_VM": "x"},
+            "reclaimd: RECLAIMD_VM: not JSON (Expecting value: line 1 column 1 (char 0)) (got 'x')",
+        ),
     ],
-    ids=["not-a-number", "short-token"],
+    ids=["not-a-number", "short-token", "vm-not-json"],
 )
 def test_a_bad_environment_value_is_one_line_naming_the_variable(
     env: dict[str, str], line: str, tmp_path: Path
 ) -> None:
-    done = run_cli("serve", "--vm", f"a=unix:{tmp_path}/a.qmp", env=env)
+    done = run_cli("serve", "--vm", f"a=unix:{tmp_path}/a.qmp", *scratch(tmp_path), env=env)
     assert done.returncode == 2
     assert done.stderr == line + "\n"
 
@@ -132,7 +143,7 @@ def test_a_config_error_is_one_line_naming_the_file(
 ) -> None:
     config = tmp_path / "reclaimd.toml"
     config.write_text(toml)
-    done = run_cli("serve", "--config", str(config))
+    done = run_cli("serve", "--config", str(config), *scratch(tmp_path))
     assert done.returncode == 2
     assert done.stderr == f"reclaimd: config {config}: {message}\n"
 
