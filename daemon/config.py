@@ -43,6 +43,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -107,6 +108,7 @@ class Address:
 class VMConfig(BaseModel):
     """One statically configured VM."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, as at the top
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")
     address: str
     mode: AttachMode = "connect"

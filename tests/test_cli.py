@@ -111,8 +111,12 @@ def test_a_bad_flag_prints_the_sub_commands_usage() -> None:
             {"RECLAIMD_VM": "x"},
             "reclaimd: RECLAIMD_VM: not JSON (Expecting value: line 1 column 1 (char 0)) (got 'x')",
         ),
+        (
+            {"RECLAIMD_VM": '[{"name": "a", "address": "unix:/run/a.qmp", "bogus": 1}]'},
+            "reclaimd: RECLAIMD_VM[0].bogus: unknown setting",
+        ),
     ],
-    ids=["not-a-number", "short-token", "vm-not-json"],
+    ids=["not-a-number", "short-token", "vm-not-json", "unknown-vm-key"],
 )
 def test_a_bad_environment_value_is_one_line_naming_the_variable(
     env: dict[str, str], line: str, tmp_path: Path
@@ -135,8 +139,12 @@ def test_a_bad_environment_value_is_one_line_naming_the_variable(
             '[[vm]]\nname = "a"\naddress = "/run/a.qmp"\n',
             "vm[0].address: address '/run/a.qmp': expected unix:/path or tcp:host:port",
         ),
+        (
+            '[[vm]]\nname = "a"\naddress = "unix:/run/a.qmp"\nbogus = 1\n',
+            "vm[0].bogus: unknown setting",
+        ),
     ],
-    ids=["unknown-key", "wrong-type", "bad-vm"],
+    ids=["unknown-key", "wrong-type", "bad-vm", "unknown-vm-key"],
 )
 def test_a_config_error_is_one_line_naming_the_file(
     toml: str, message: str, tmp_path: Path
