@@ -81,6 +81,7 @@ class BalloonState:
     deflate_on_oom: bool | None = None
     stats_polling_interval: int | None = None
     problem: str | None = None  # why a field above is unknown, e.g. "no balloon device"
+    changes: int = 0  # BALLOON_CHANGE events taken in: a read begun before one is older
 
 
 @dataclass

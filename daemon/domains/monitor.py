@@ -139,6 +139,7 @@ class LibvirtMonitor:
     async def poll(self) -> None:
         """Run state, then balloon and guest statistics in one ``memoryStats()``."""
         vm = self.vm
+        changes = vm.balloon.changes
         info = await self.source.info(self.uuid)
         vm.status = info.state
         vm.running = info.state == "running"
@@ -150,7 +151,8 @@ class LibvirtMonitor:
             vm.guest_stats, vm.guest_stats_error = None, str(exc)
             vm.last_poll = time.time()
             return
-        if vm.balloon.present:
+        if vm.balloon.present and vm.balloon.changes == changes:
+            # (A BALLOON_CHANGE that came in while libvirtd answered is newer than its answer.)
             self._balloon(stats.balloon_actual_bytes, stats.problems)
         keep_guest_stats(vm, stats.guest)
         if not vm.balloon.present:
@@ -161,8 +163,10 @@ class LibvirtMonitor:
         """The balloon's size as libvirt knows it from QEMU's BALLOON_CHANGE events (no call
         into QEMU)."""
         if self.vm.balloon.present:
+            changes = self.vm.balloon.changes
             info = await self.source.info(self.uuid)
-            self._balloon(info.memory_bytes, ())
+            if self.vm.balloon.changes == changes:
+                self._balloon(info.memory_bytes, ())
 
     def _balloon(self, actual: int | None, problems: tuple[str, ...]) -> None:
         balloon, ram = self.vm.balloon, self.vm.memory.ram_bytes

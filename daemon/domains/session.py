@@ -113,6 +113,7 @@ class LibvirtSession(SessionBase):
         ram = self.vm.memory.ram_bytes
         if ram is None or actual_bytes <= ram:
             self.vm.balloon.actual_bytes = actual_bytes
+            self.vm.balloon.changes += 1
         self._wake.set()
 
     def event(self, name: str, data: Mapping[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,9 @@ import pytest
 from daemon import libvirt as lv
 from daemon.config import Settings
 from daemon.domains import LibvirtHost, LibvirtSession, read_domain
+from daemon.domains.monitor import LibvirtMonitor
 from daemon.fleet import VMState
+from daemon.guest_stats import GuestStats
 from daemon.journal import Journal
 
 MiB = 1 << 20
@@ -200,3 +202,42 @@ async def test_the_stats_period_is_set_only_when_off_and_configured(
         assert source.periods == [(domain.uuid, set_to)]
         assert vm.balloon.stats_polling_interval == set_to
     assert vm.memory.ram_bytes == 256 * MiB
+
+
+class RacingSource:
+    """Answers a poll with the balloon as it was when the call began, while a BALLOON_CHANGE
+    comes in before the answer does (libvirt's events and replies travel apart)."""
+
+    connected = True
+
+    def __init__(self, vm: VMState, on_call: Callable[[], None]) -> None:
+        self.vm, self.on_call = vm, on_call
+
+    async def info(self, uuid: str) -> lv.DomainInfo:
+        self.on_call()
+        return lv.DomainInfo("running", 256 * MiB, 256 * MiB, 1, 0)
+
+    async def memory_stats(self, uuid: str, *, ram_bytes: int | None, now: float) -> object:
+        return lv.LibvirtMemoryStats(guest=GuestStats(valid=False), balloon_actual_bytes=256 * MiB)
+
+
+async def test_a_balloon_change_during_a_poll_is_not_undone_by_its_older_answer() -> None:
+    vm = VMState(name="vm1", address="libvirt:vm1", attach="libvirt")
+    vm.memory.base_bytes = 256 * MiB
+    vm.balloon.present = True
+    vm.balloon.actual_bytes = 256 * MiB
+    session = object.__new__(LibvirtSession)
+    session.vm, session._wake = vm, asyncio.Event()
+
+    def event_in_flight() -> None:  # the balloon reached 200 MiB while libvirtd answered
+        LibvirtSession.balloon_changed(session, 200 * MiB)
+
+    monitor = LibvirtMonitor(RacingSource(vm, event_in_flight), "u", vm)  # type: ignore[arg-type]
+    await monitor.poll()
+    assert vm.balloon.actual_bytes == 200 * MiB
+    await monitor.read_balloon()
+    assert vm.balloon.actual_bytes == 200 * MiB
+    # With no event in flight, the poll's answer is the balloon's size.
+    monitor.source = RacingSource(vm, lambda: None)  # type: ignore[assignment]
+    await monitor.poll()
+    assert vm.balloon.actual_bytes == 256 * MiB
