@@ -8,6 +8,7 @@ on the HTTP path's log messages.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
@@ -28,6 +29,7 @@ from api.webconfig import WebConfig, load_web_config
 from daemon.config import ConfigError, Settings
 from daemon.instruments import HTTP_CONNECTION_LIMIT
 from daemon.service import Reclaimd
+from daemon.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,6 @@ def build_server(
         read_timeout=settings.http_read_timeout,
     )
     HTTP_CONNECTION_LIMIT.set(limits.max_connections)
-    log.info(
-        "at most %d HTTP connections (open files limit %d)",
-        limits.max_connections,
-        resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-    )
     tls = web.tls if web is not None else None
     config = uvicorn.Config(
         create_app(settings, daemon, web),
@@ -85,21 +82,27 @@ def build_server(
     )
     # uvicorn configures its loggers when the Config is made; the limit goes on after that.
     limit_repeats()
-    return BoundedServer(config, defer_accept=math.ceil(settings.http_read_timeout))
+    return BoundedServer(config, defer_accept=math.ceil(settings.http_read_timeout), limits=limits)
 
 
 class BoundedServer(uvicorn.Server):
     """uvicorn's server, with its listening sockets set up against connection floods."""
 
-    def __init__(self, config: uvicorn.Config, defer_accept: int) -> None:
+    def __init__(self, config: uvicorn.Config, defer_accept: int, limits: ConnectionLimits) -> None:
         super().__init__(config)
         self.defer_accept = defer_accept
+        self.limits = limits
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         for server in getattr(self, "servers", ()):
             for listener in server.sockets:
                 tune_listener(listener.fileno(), self.defer_accept)
+        log.info(
+            "at most %d HTTP connections (open files limit %d)",
+            self.limits.max_connections,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
         quiet_collector()
 
 
@@ -149,26 +152,54 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class StartFailed(Exception):
+    """The daemon could not start: ``Reclaimd.start`` raised ``__cause__`` (JournalError for the
+    journal, OSError for the listen socket) and stopped what it had started."""
+
+
 def run(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn's two-phase shutdown; a second signal forces exit).
 
     The port is bound first: a port in use fails here, before the daemon attaches any VM (uvicorn
-    binds only after its lifespan, the daemon's start-up, has run)."""
+    binds only after its lifespan has run). Then the web config is read, then the daemon starts
+    (its journal, its listen socket), and only then does uvicorn serve. A port in use or a bad
+    web config is one line on stderr and exit 2, as the command's other start-up errors are;
+    a daemon that cannot start raises StartFailed, for the command to say why."""
     raise_soft_limit()
     try:
         listener = bind_listener(settings.listen_host, settings.listen_port)
     except OSError as exc:
-        # Said as the command's other start-up errors are: one line, no traceback.
-        print(
-            f"reclaimd: cannot listen on {settings.listen}: {exc.strerror or exc}", file=sys.stderr
-        )
-        return 2
-    try:
-        server = build_server(settings)
-    except ConfigError as exc:
-        listener.close()
-        log.error("%s", exc)
-        return 2
-    server.run(sockets=[listener])
-    # uvicorn exits the process itself on a bind failure; a failed startup lands here.
+        return _refuse(f"cannot listen on {settings.listen}: {exc.strerror or exc}")
+    with listener:
+        daemon = Reclaimd(settings)
+        try:
+            server = build_server(settings, daemon)
+        except ConfigError as exc:
+            return _refuse(str(exc))
+        # What uvicorn's Server.run does, around the daemon's start as well.
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(_start_and_serve(server, daemon, listener))
     return 0 if server.started else 1
+
+
+def _refuse(message: str) -> int:
+    # One line, whatever the message holds (a YAML parser's error spans several).
+    print(f"reclaimd: {one_line(message, 1000)}", file=sys.stderr)
+    return 2
+
+
+async def _start_and_serve(
+    server: uvicorn.Server, daemon: Reclaimd, listener: socket.socket
+) -> None:
+    """Start the daemon, then serve: the app's lifespan finds it started, and stops it at the
+    end. Raises StartFailed."""
+    # uvicorn's handlers from here: a signal during start-up stops the daemon once started.
+    with server.capture_signals():
+        try:
+            await daemon.start()  # stops what it started when it fails
+        except Exception as exc:
+            raise StartFailed(str(exc)) from exc
+        if server.should_exit:
+            await daemon.stop()
+            return
+    await server.serve(sockets=[listener])

@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from api.server import run  # the HTTP stack loads only for serving
+    from api.server import StartFailed, run  # the HTTP stack loads only for serving
 
     if settings.listen_host not in ("127.0.0.1", "localhost", "::1") and not settings.web_config:
         logging.getLogger("reclaimd").warning(
@@ -56,7 +56,31 @@ def _serve(args: argparse.Namespace) -> int:
             "read authentication (see --web-config)",
             settings.listen,
         )
-    return run(settings)
+    try:
+        return run(settings)
+    except StartFailed as exc:
+        line = start_failure(settings, exc.__cause__)
+        if line is None:
+            raise  # not what start-up is known to fail with: a bug, with its traceback
+        print(f"reclaimd: {line}", file=sys.stderr)
+        return 2
+
+
+def start_failure(settings: Settings, exc: BaseException | None) -> str | None:
+    """One line for what the daemon could not start with, from the error ``Reclaimd.start``
+    raised: its journal (JournalError) or its listen socket (OSError); None for anything else."""
+    from daemon.journal import JournalError
+
+    if isinstance(exc, JournalError):
+        path = str(settings.journal)
+        reason = str(exc).removeprefix(f"journal {path}: ").removeprefix(f"journal {path} ")
+        return f"journal {path}: {reason}"
+    if isinstance(exc, OSError) and settings.listen_socket is not None:
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None and str(exc.filename) != str(settings.listen_socket):
+            reason = f"{exc.filename}: {reason}"  # the directory that could not be made
+        return f"listen socket {settings.listen_socket}: {reason}"
+    return None
 
 
 def watches_something(settings: Settings) -> bool:

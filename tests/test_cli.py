@@ -196,3 +196,50 @@ def test_a_port_in_use_fails_before_start_up(tmp_path: Path) -> None:
         f"reclaimd: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert not journal.exists(), "the daemon started before the port was known to be free"
+
+
+# -- what the daemon cannot start with, found once the checks above passed ---------------------
+
+
+def test_an_unusable_journal_is_one_line(tmp_path: Path) -> None:
+    done = run_cli(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--vm",
+        f"a=unix:{tmp_path}/a.qmp",
+        env={"RECLAIMD_JOURNAL": "/proc/nope/j.sqlite3"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert first_line(done.stderr) == (
+        "reclaimd: journal /proc/nope/j.sqlite3: cannot create the journal's directory "
+        "/proc/nope: No such file or directory"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unusable_listen_socket_is_one_line(tmp_path: Path) -> None:
+    done = run_cli("serve", "--listen-socket", "/proc/nope/l.sock", *scratch(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert first_line(done.stderr) == (
+        "reclaimd: listen socket /proc/nope/l.sock: /proc/nope: No such file or directory"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_web_config_is_one_line_as_the_other_errors(tmp_path: Path) -> None:
+    web = tmp_path / "web-config.yml"
+    web.write_text("tls_server_config: [unclosed\n")  # a YAML error spans several lines
+    journal = tmp_path / "journal.sqlite3"
+    done = run_cli(
+        "serve",
+        "--vm",
+        f"a=unix:{tmp_path}/a.qmp",
+        "--web-config",
+        str(web),
+        *scratch(tmp_path),
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"reclaimd: web config {web}: not YAML: ")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not journal.exists(), "the daemon started with a web config it cannot use"
