@@ -272,8 +272,9 @@ def test_compose_file_is_compose_v2() -> None:
 
 
 def test_the_image_installs_pinned_dependencies() -> None:
-    """Every runtime dependency of pyproject.toml, transitive ones too, at one exact version
-    that satisfies pyproject's range, and the Dockerfile installs with those constraints."""
+    """Every runtime dependency of pyproject.toml, transitive ones too, and those of the libvirt
+    extra (the image's EXTRAS=libvirt), at one exact version that satisfies pyproject's range,
+    and the Dockerfile installs with those constraints."""
     from packaging.requirements import Requirement
 
     constraints = DEPLOY / "docker" / "constraints.txt"
@@ -284,7 +285,7 @@ def test_the_image_installs_pinned_dependencies() -> None:
             assert sep and version, f"{line!r} is not pinned to one version"
             pins[canonical(name)] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for text in project["dependencies"]:
+    for text in [*project["dependencies"], *project["optional-dependencies"]["libvirt"]]:
         requirement = Requirement(text)
         pinned = pins.get(canonical(requirement.name))
         assert pinned is not None, f"{requirement.name} is not pinned in {constraints.name}"
