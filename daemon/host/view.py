@@ -218,6 +218,11 @@ class HostView:
                 layout = located
             self._maps_hash = hash(text)
         try:
+            # Methods first: the fingerprint is of what each mapping is scanned by, so the
+            # first look after the first scan can already tell "unchanged".
+            for mapping in layout.mappings:
+                if mapping.name not in self._methods:
+                    self._methods[mapping.name] = self._choose(pid, mapping)
             self._fingerprint = self._take_fingerprint(layout)
         except (OSError, ValueError, IndexError):
             self._fingerprint = None  # the scan says why, if it is the process
