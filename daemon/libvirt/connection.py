@@ -771,14 +771,9 @@ class LibvirtSource:
             timeout=timeout + self.call_timeout,
             agent=True,
         )
-        if not isinstance(reply, str) or len(reply) > MAX_AGENT_REPLY:
-            raise BadReply(f"agent reply to {command}: not a string of at most {MAX_AGENT_REPLY}")
-        try:
-            parsed = json.loads(reply)
-        except ValueError as exc:
-            raise BadReply(f"agent reply to {command}: not JSON: {shorten(str(exc))}") from exc
+        parsed = _json_reply(reply, f"agent reply to {command}", MAX_AGENT_REPLY)
         if not isinstance(parsed, dict) or "return" not in parsed:
-            raise BadReply(f"agent reply to {command}: no 'return': {shorten(reply, 120)}")
+            raise BadReply(f"agent reply to {command}: no 'return': {shorten(str(reply), 120)}")
         return parsed["return"]
 
     async def monitor_command(
@@ -799,16 +794,22 @@ class LibvirtSource:
         reply: object = await self._domain_call(
             "monitor command", uuid, lambda d: libvirt_qemu.qemuMonitorCommand(d, text, 0)
         )
-        if not isinstance(reply, str) or len(reply) > MAX_MONITOR_REPLY:
-            raise BadReply(f"QMP reply to {command}: not a string of at most {MAX_MONITOR_REPLY}")
-        try:
-            parsed = json.loads(reply)
-        except ValueError as exc:
-            raise BadReply(f"QMP reply to {command}: not JSON: {shorten(str(exc))}") from exc
+        parsed = _json_reply(reply, f"QMP reply to {command}", MAX_MONITOR_REPLY)
         if isinstance(parsed, dict) and isinstance(error := parsed.get("error"), dict):
             raise MonitorCommandFailed(
                 command, str(error.get("class", "?")), str(error.get("desc", ""))
             )
         if not isinstance(parsed, dict) or "return" not in parsed:
-            raise BadReply(f"QMP reply to {command}: no 'return': {shorten(reply, 120)}")
+            raise BadReply(f"QMP reply to {command}: no 'return': {shorten(str(reply), 120)}")
         return parsed["return"]
+
+
+def _json_reply(reply: object, what: str, limit: int) -> object:
+    """A JSON reply libvirt passed on from the guest agent or QEMU: untrusted, bounded."""
+    if not isinstance(reply, str) or len(reply) > limit:
+        raise BadReply(f"{what}: not a string of at most {limit}")
+    try:
+        parsed: object = json.loads(reply)
+    except ValueError as exc:
+        raise BadReply(f"{what}: not JSON: {shorten(str(exc))}") from exc
+    return parsed
