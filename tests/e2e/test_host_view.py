@@ -85,7 +85,11 @@ def test_reporting_returns_freed_memory(
     free_resident_after = component(rd, "fr", "free_resident")
     assert free_resident_after is not None
     assert free_resident_after - free_resident_before < 40 * MiB
-    assert after["host"]["reporting_effective"] is True
+    # The verdict holds what the model predicted against what the host saw, once the guest's
+    # stats of after the predicted report are in: a push or two after the ranges.
+    rd.wait_for(
+        lambda: host(rd, "fr")["reporting_effective"] is True, 20, "reporting judged effective"
+    )
 
     ranges = rd.get("/api/v1/vms/fr/reported-ranges")["ranges"]
     new = [r for r in ranges if r["at"] > before["host"]["at"]]
