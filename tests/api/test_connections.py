@@ -4,6 +4,7 @@ the limit, busy ones never are, and a request must arrive whole within the read 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from api.server import bind_listener
 from daemon.config import Settings
 from daemon.instruments import REGISTRY
 from daemon.service import Reclaimd
@@ -169,3 +171,22 @@ async def test_no_more_than_8_kib_of_an_unfinished_request_head_is_held(
     answer = await asyncio.wait_for(conn[0].read(65536), 2)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
     conn[1].close()
+
+
+async def test_connections_of_the_serve_listener_send_without_nagle() -> None:
+    """``reclaimd serve`` binds its own listener; asyncio turns Nagle off only on sockets that
+    say they are TCP. With Nagle on, every keep-alive response waited for a delayed ACK."""
+    listener = bind_listener("127.0.0.1", 0)
+    listener.listen()
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+    server = await asyncio.start_server(lambda _r, w: accepted.set_result(w), sock=listener)
+    try:
+        _, client = await asyncio.open_connection(*listener.getsockname())
+        served = await asyncio.wait_for(accepted, 5)
+        sock = served.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        client.close()
+        served.close()
+    finally:
+        server.close()
+        await server.wait_closed()
